@@ -1,0 +1,546 @@
+"""Extract: stream every tensor of a source into Zarr + TIFF + PNG artifacts, manifest last.
+
+The stages, each usable on its own (the Prefect flow maps over them):
+1. `open_source` parses the headers (no tensor bytes).
+2. `plan` selects tensors and packs them into work units (big tensors alone, small ones
+   together up to `unit_bytes`), a pure function of the source and the options.
+3. `checksum_unit` hashes the source bytes of a unit; with the header bytes these give the
+   content revision of the model (skipped when the revision is known: HF commit, --revision).
+4. `extract_unit` writes each tensor's artifacts and, last, its record; tensors whose record
+   matches the source checksum and whose artifacts exist are skipped (resume).
+5. `publish` writes `manifest.json` with a conditional write: the model is complete.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import platform
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from weightsmith import __version__, dtypes, images
+from weightsmith.errors import WeightsmithError
+from weightsmith.model import MANIFEST, MANIFEST_FORMAT, ModelRef, slugify
+from weightsmith.sources import Source, open_source
+from weightsmith.sources.base import GptqGroup, TensorEntry
+from weightsmith.stats import RunningStats
+from weightsmith.store import Store, encode_key
+from weightsmith.store import arrays
+from weightsmith.store.store import dumps
+
+Progress = Callable[[int, str], None]  # (bytes just done, tensor name)
+
+
+class ExtractOptions(BaseModel):
+    """What to extract and how; written into runs/<run-id>.json for provenance."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: str  # store URL: a folder, file:// or s3://bucket/prefix
+    name: str | None = None  # model slug; default: HF id, else the source's parent folder name
+    revision: str | None = None  # default: HF commit, else a hash of headers and tensor checksums
+    include: tuple[str, ...] = ()  # glob patterns over tensor names; empty: everything
+    exclude: tuple[str, ...] = ()  # glob patterns over tensor names to leave out
+    images: Literal["all", "preview", "none"] = "all"  # TIFF + PNG, PNG only, or neither
+    force: bool = False  # rewrite artifacts that are already there
+    block_bytes: int = Field(64_000_000, ge=1 << 16)  # tensors above this stream in row blocks
+    unit_bytes: int = Field(64_000_000, ge=1)  # small tensors are packed into units this large
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Tensors extracted together by one task (logical names: raw tensors or GPTQ weights)."""
+
+    index: int
+    names: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    records: list[dict]  # manifest records of the unit's tensors (GPTQ components included)
+    written: int  # tensors written now; the rest were already complete in the store
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    model_url: str
+    slug: str
+    revision: str
+    tensors: int
+    written: int  # tensors written in this run
+    skipped: int  # tensors already complete in the store
+    bytes_read: int
+    status: str  # "created" | "unchanged" | "replaced"
+    run_id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. plan
+def logical_names(source: Source) -> list[str]:
+    """Tensor names as a user sees them: GPTQ groups as `<prefix>.weight`, in file order."""
+    group_of = {c: g for g in source.groups for c in g.components}
+    names: list[str] = []
+    for name in source.tensors:
+        group = group_of.get(name)
+        if group is None:
+            names.append(name)
+        elif name == group.qweight:
+            names.append(group.name)
+    return names
+
+
+def plan(source: Source, options: ExtractOptions) -> list[WorkUnit]:
+    """Select tensors by the include/exclude globs and pack them into work units."""
+    names = [
+        n for n in logical_names(source)
+        if (not options.include or any(fnmatch.fnmatchcase(n, p) for p in options.include))
+        and not any(fnmatch.fnmatchcase(n, p) for p in options.exclude)
+    ]
+    if not names:
+        raise WeightsmithError(source.url, "no tensor matches the include/exclude patterns")
+    units: list[WorkUnit] = []
+    batch: list[str] = []
+    batch_bytes = 0
+    for name in names:
+        size = _source_bytes(source, name)
+        if batch and batch_bytes + size > options.unit_bytes:
+            units.append(WorkUnit(len(units), tuple(batch), batch_bytes))
+            batch, batch_bytes = [], 0
+        batch.append(name)
+        batch_bytes += size
+    if batch:
+        units.append(WorkUnit(len(units), tuple(batch), batch_bytes))
+    return units
+
+
+def _groups(source: Source) -> dict[str, GptqGroup]:
+    return {g.name: g for g in source.groups}
+
+
+def _raw_names(source: Source, name: str) -> tuple[str, ...]:
+    group = _groups(source).get(name)
+    return group.components if group else (name,)
+
+
+def _source_bytes(source: Source, name: str) -> int:
+    return sum(source.tensors[n].nbytes for n in _raw_names(source, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. identify
+def checksum_unit(source: Source, unit: WorkUnit, block_bytes: int) -> dict[str, str]:
+    """sha256 of the source bytes of every raw tensor in the unit."""
+    out = {}
+    for name in unit.names:
+        for raw in _raw_names(source, name):
+            entry = source.tensors[raw]
+            h = hashlib.sha256()
+            for start in range(entry.start, entry.end, block_bytes):
+                h.update(source.read(entry.container, start, min(entry.end, start + block_bytes)))
+            out[raw] = h.hexdigest()
+    return out
+
+
+def model_ref(source: Source, options: ExtractOptions, checksums: dict[str, str] | None) -> ModelRef:
+    """Where the model goes: slug from --name / HF id / parent folder; revision likewise."""
+    if options.name:
+        slug = slugify(options.name)
+    elif source.hf_id:
+        slug = slugify(source.hf_id)
+    else:
+        root = source.root.rstrip("/")
+        slug = slugify(os.path.basename(root) or "model")
+    revision = options.revision or source.hf_revision
+    if revision:
+        revision = slugify(revision)
+    else:
+        if checksums is None or set(checksums) != set(source.tensors):
+            raise ValueError("the content revision needs the checksum of every tensor")
+        h = hashlib.sha256()
+        for i in range(len(source.containers)):
+            h.update(header_bytes(source, i))
+        for name in source.tensors:
+            h.update(name.encode("utf-8", "surrogatepass") + b"\0" + checksums[name].encode())
+        revision = h.hexdigest()[:16]
+    return ModelRef(Store(options.store), slug, revision)
+
+
+def header_bytes(source: Source, container: int) -> bytes:
+    c = source.containers[container]
+    return b"".join(source.read(container, s.start, s.end) for s in c.segments if s.tensor is None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. write
+def write_files(model: ModelRef, source: Source) -> dict[str, dict]:
+    """Copy headers (opaque segments), sidecars and GGUF metadata into files/ (idempotent)."""
+    written: dict[str, dict] = {}
+
+    def put(name: str, data: bytes) -> None:
+        key = model.key("files", encode_key(name))
+        if not (model.store.exists(key) and model.store.read_bytes(key) == data):
+            model.store.write_bytes(key, data)
+        written[name] = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    for i, c in enumerate(source.containers):
+        for s in c.segments:
+            if s.tensor is None:
+                suffix = "header" if s.start == 0 else f"bytes-{s.start}"
+                put(f"{c.name}.{suffix}", source.read(i, s.start, s.end))
+        if c.format == "gguf":
+            put(f"{c.name}.metadata.json", dumps(c.metadata))
+    for name, data in source.sidecars.items():
+        put(name, data)
+    return written
+
+
+def extract_unit(
+    source: Source,
+    model: ModelRef,
+    unit: WorkUnit,
+    options: ExtractOptions,
+    expected: dict[str, str] | None = None,
+    progress: Progress | None = None,
+) -> UnitResult:
+    """Write the artifacts of every tensor in the unit.
+
+    A tensor already in the store (record present, same checksum and layout, artifacts there)
+    is skipped unless `options.force`. `expected` holds source checksums from the checksum pass;
+    bytes that hash differently now mean the source changed under us, which is an error.
+    """
+    done: list[tuple[dict, bool]] = []
+    for name in unit.names:
+        group = _groups(source).get(name)
+        if group is None:
+            done.append(_extract_raw(source, model, source.tensors[name], options, expected, "tensor", progress))
+            continue
+        parts = [_extract_raw(source, model, source.tensors[raw], options, expected, "gptq-component", progress)
+                 for raw in group.components]
+        done += parts
+        done.append(_extract_gptq(source, model, group, options, [r for r, _ in parts]))
+    return UnitResult(records=[r for r, _ in done], written=sum(w for _, w in done))
+
+
+def _existing(model: ModelRef, key: str, want: dict, options: ExtractOptions) -> dict | None:
+    """The stored record if it matches `want` (layout and checksum) and its artifacts exist."""
+    if options.force:
+        return None
+    record = arrays.read_record(model.store, key)
+    if record is None or any(record.get(k) != v for k, v in want.items() if v is not None):
+        return None
+    needed = {"all": ("tiff", "png"), "preview": ("png",), "none": ()}[options.images]
+    if record.get("role") == "gptq-component":
+        needed = ()
+    artifacts = record.get("artifacts", {})
+    if any(k not in artifacts or not model.store.exists(artifacts[k]) for k in needed):
+        return None
+    return record
+
+
+def _extract_raw(source, model, entry: TensorEntry, options, expected, role, progress) -> dict:
+    container = source.containers[entry.container]
+    key = model.tensor_key(entry.name)
+    base = {
+        "name": entry.name,
+        "role": role,
+        "dtype": entry.dtype,
+        "shape": list(entry.shape),
+        "encoding": entry.encoding,
+        "container": container.name,
+        "byte_range": [entry.start, entry.end],
+    }
+    want_sha = (expected or {}).get(entry.name)
+    done = _existing(model, key, {**base, "sha256": want_sha}, options)
+    if done is not None and want_sha is not None:
+        if progress:
+            progress(entry.nbytes, entry.name)
+        return done, False
+
+    storage_shape, storage_dtype = _storage_layout(entry)
+    attrs = {"dtype": entry.dtype, "shape": list(entry.shape), "encoding": entry.encoding}
+    array = arrays.create(model.store, key, storage_shape, storage_dtype, attrs)
+    h = hashlib.sha256()
+
+    def bands() -> Iterator[np.ndarray]:
+        for r0, r1, raw in _row_blocks(source, entry, options.block_bytes, array.chunks[0] if array.ndim else 1):
+            h.update(raw)
+            stored = np.frombuffer(raw, dtype=storage_dtype).reshape((r1 - r0, *storage_shape[1:]))
+            if array.ndim:
+                array[r0:r1] = stored
+            else:
+                array[()] = stored.reshape(())
+            if progress:
+                progress(len(raw), entry.name)
+            yield _float_band(entry, stored)
+
+    with_images = role == "tensor"
+    stats, artifacts = _write_images(model, entry.name, entry.shape, entry.dtype, bands(),
+                                     options.images if with_images else "none")
+    sha = h.hexdigest()
+    if want_sha is not None and sha != want_sha:
+        raise WeightsmithError(source.readers[entry.container].url,
+                               f"tensor {entry.name!r} changed while it was being extracted")
+    record = {**base, "sha256": sha, "stats": stats, "artifacts": {"zarr": key, **artifacts}}
+    arrays.finish(array, record)
+    return record, True
+
+
+def _storage_layout(entry: TensorEntry) -> tuple[tuple[int, ...], np.dtype]:
+    if entry.encoding == "gguf":
+        rows = entry.numel // entry.shape[-1] if entry.shape and entry.shape[-1] else 0
+        return (rows, entry.row_bytes), np.dtype("u1")
+    return entry.shape, dtypes.storage_dtype(entry.dtype)
+
+
+def _row_blocks(source: Source, entry: TensorEntry, block_bytes: int, chunk: int) -> Iterator[tuple[int, int, bytes]]:
+    """(first row, end row, bytes) blocks along dim 0 of the stored array, chunk-aligned."""
+    shape, _ = _storage_layout(entry)
+    if len(shape) < 2 or shape[0] == 0 or entry.nbytes == 0:
+        rows = shape[0] if shape else 1
+        yield 0, rows, source.read(entry.container, entry.start, entry.end)
+        return
+    row_bytes = entry.nbytes // shape[0]
+    rows_per = max(1, block_bytes // max(1, row_bytes))
+    rows_per = max(chunk, rows_per - rows_per % chunk)  # whole chunks per write
+    if entry.encoding == "gguf" and len(entry.shape) > 2:
+        per_image_row = entry.numel // entry.shape[0] // entry.shape[-1]
+        rows_per = max(per_image_row, rows_per - rows_per % per_image_row)
+    for r0 in range(0, shape[0], rows_per):
+        r1 = min(shape[0], r0 + rows_per)
+        yield r0, r1, source.read(entry.container, entry.start + r0 * row_bytes, entry.start + r1 * row_bytes)
+
+
+def _float_band(entry: TensorEntry, stored: np.ndarray) -> np.ndarray:
+    """A block of the stored array as float32 rows of the tensor's 2-D image view."""
+    if entry.encoding == "gguf":
+        from weightsmith.sources.gguf import dequantize
+
+        values = dequantize(entry, stored)
+    else:
+        values = dtypes.from_storage(stored, entry.dtype)
+    values = values.astype(np.float32, copy=False)
+    cols = images.view_2d(entry.shape)[1]
+    return values.reshape(-1, cols) if values.size else values.reshape(0, cols)
+
+
+def _write_images(model: ModelRef, name: str, shape, dtype: str, bands: Iterator[np.ndarray], mode: str):
+    """Consume the float32 bands: statistics always, TIFF/PNG as `mode` asks."""
+    stats = RunningStats()
+    shape2d = images.view_2d(tuple(shape))
+    preview = images.Preview(shape2d) if mode != "none" else None
+
+    def observed() -> Iterator[np.ndarray]:
+        for band in bands:
+            stats.update(band)
+            if preview is not None:
+                preview.add(band)
+            yield band
+
+    artifacts: dict[str, str] = {}
+    if mode == "all":
+        tiff_key = model.tiff_key(name)
+        tmp = _tmp_path(model.store, ".tiff")
+        try:
+            images.write_tiff(tmp, observed(), shape2d, {"name": name, "shape": list(shape), "dtype": dtype})
+            model.store.put_file(tmp, tiff_key)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        artifacts["tiff"] = tiff_key
+    else:
+        for _ in observed():
+            pass
+    if preview is not None:
+        png_key = model.png_key(name)
+        model.store.write_bytes(png_key, preview.png_bytes())
+        artifacts["png"] = png_key
+    return stats.as_dict(), artifacts
+
+
+def _tmp_path(store: Store, suffix: str) -> str:
+    folder = store.local_tmp_dir()
+    if folder is None:
+        from weightsmith.state import tmp_dir
+
+        folder = tmp_dir()
+    fd, path = tempfile.mkstemp(suffix=suffix, dir=folder)
+    os.close(fd)
+    return path
+
+
+def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: ExtractOptions,
+                  component_records: list[dict]) -> dict:
+    """Dequantise a GPTQ group into `<prefix>.weight` (float32, [out, in]) in output-row bands."""
+    from weightsmith.sources.gptq import dequantize
+
+    key = model.tensor_key(group.name)
+    base = {
+        "name": group.name,
+        "role": "gptq-weight",
+        "dtype": "F32",
+        "shape": list(group.shape),
+        "encoding": "raw",
+        "components": {r["name"]: r["sha256"] for r in component_records},
+        "quant": {"bits": group.bits, "group_size": group.group_size,
+                  "checkpoint_format": group.checkpoint_format},
+    }
+    done = _existing(model, key, base, options)
+    if done is not None:
+        return done, False
+    parts = {r["name"]: arrays.read_exact(model.store, r["artifacts"]["zarr"]) for r in component_records}
+    g_idx = parts.get(group.g_idx) if group.g_idx else None
+    array = arrays.create(model.store, key, group.shape, np.dtype("<f4"),
+                          {"dtype": "F32", "shape": list(group.shape), "encoding": "raw"})
+    h = hashlib.sha256()
+    step = max(array.chunks[0], (options.block_bytes // (4 * group.in_features)) // array.chunks[0] * array.chunks[0])
+
+    def bands() -> Iterator[np.ndarray]:
+        for o0 in range(0, group.out_features, step):
+            o1 = min(group.out_features, o0 + step)
+            band = dequantize(group, parts[group.qweight], parts[group.qzeros], parts[group.scales], g_idx,
+                              rows=slice(o0, o1)).astype("<f4", copy=False)
+            array[o0:o1] = band
+            h.update(band.tobytes())
+            yield band
+
+    stats, artifacts = _write_images(model, group.name, group.shape, "F32", bands(), options.images)
+    record = {**base, "sha256": h.hexdigest(), "stats": stats, "artifacts": {"zarr": key, **artifacts}}
+    arrays.finish(array, record)
+    return record, True
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. publish
+def build_manifest(model: ModelRef, source: Source, options: ExtractOptions, files: dict,
+                   records: list[dict]) -> dict:
+    """Content only (no times, hosts or run ids): a resumed run gives the same bytes."""
+    by_name = {r["name"]: r for r in records}
+    return {
+        "format": MANIFEST_FORMAT,
+        "tool": {"name": "weightsmith", "version": __version__},
+        "model": {"slug": model.slug, "revision": model.revision, "hf_id": source.hf_id},
+        "source": {
+            "url": _public_url(source.url),
+            "kind": source.kind,
+            "containers": [
+                {
+                    "name": c.name,
+                    "format": c.format,
+                    "size": c.size,
+                    "segments": [
+                        [s.start, s.end, s.tensor] if s.tensor is not None
+                        else [s.start, s.end, None, files[f"{c.name}.{'header' if s.start == 0 else f'bytes-{s.start}'}"]["key"]]
+                        for s in c.segments
+                    ],
+                    "metadata": c.metadata if c.format == "safetensors" else {"key": files[f"{c.name}.metadata.json"]["key"]},
+                }
+                for c in source.containers
+            ],
+        },
+        "selection": {"include": list(options.include), "exclude": list(options.exclude),
+                      "complete": len(by_name) == _expected_count(source), "images": options.images},
+        "files": files,
+        "tensors": by_name,
+    }
+
+
+def _expected_count(source: Source) -> int:
+    return len(source.tensors) + len(source.groups)
+
+
+def _public_url(url: str) -> str:
+    """The source URL without credentials or query strings (they may hold tokens)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https", "s3"):
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return url
+
+
+def publish(model: ModelRef, manifest: dict, force: bool) -> str:
+    """Write manifest.json last, conditionally. Returns "created", "unchanged" or "replaced"."""
+    key = model.key(MANIFEST)
+    data = dumps(manifest)
+    if model.store.create_if_absent(key, data):
+        return "created"
+    old = model.store.read_bytes(key)
+    if old == data:
+        return "unchanged"
+    if not force:
+        raise WeightsmithError(model.url, "a different complete manifest is already there; use --force to replace it")
+    if not model.store.replace_if_match(key, data, old):
+        raise WeightsmithError(model.url, "another run replaced manifest.json at the same time; run again")
+    return "replaced"
+
+
+def write_run(model: ModelRef, run_id: str, facts: dict) -> None:
+    model.store.write_json(model.key("runs", f"{run_id}.json"), facts)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+# ---------------------------------------------------------------------------------------------
+def extract(source_url: str, options: ExtractOptions, progress: Progress | None = None,
+            total: Callable[[int], None] | None = None) -> ExtractResult:
+    """The whole extraction in this process: validate, identify, write, publish.
+
+    Input is checked before the first write: headers parsed, the store probed with a test write.
+    A failure part-way keeps the finished tensors (a re-run resumes) and writes no manifest.
+    """
+    started = time.time()
+    source = open_source(source_url)
+    units = plan(source, options)
+    store = Store(options.store)
+    store.check_writable()
+    known = options.revision or source.hf_revision
+    all_units = plan(source, options.model_copy(update={"include": (), "exclude": ()}))
+    if total:
+        total(sum(u.nbytes for u in units) + (0 if known else sum(u.nbytes for u in all_units)))
+    checksums: dict[str, str] | None = None
+    if not known:
+        checksums = {}
+        for u in all_units:
+            checksums.update(checksum_unit(source, u, options.block_bytes))
+            if progress:
+                progress(u.nbytes, "checksums")
+    model = model_ref(source, options, checksums)
+    run_id = new_run_id()
+    facts = {"run_id": run_id, "kind": "extract", "started": started, "host": socket.gethostname(),
+             "platform": platform.platform(), "tool_version": __version__,
+             "options": options.model_dump(mode="json"), "source": _public_url(source.url)}
+    try:
+        files = write_files(model, source)
+        records: list[dict] = []
+        written = 0
+        for unit in units:
+            result = extract_unit(source, model, unit, options, checksums, progress)
+            records += result.records
+            written += result.written
+        status = publish(model, build_manifest(model, source, options, files, records), options.force)
+    except BaseException as e:
+        write_run(model, run_id, {**facts, "finished": time.time(), "outcome": "failed",
+                                  "error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
+        raise
+    write_run(model, run_id, {**facts, "finished": time.time(), "outcome": status,
+                              "tensors": len(records), "bytes_read": source.bytes_read})
+    return ExtractResult(model_url=model.url, slug=model.slug, revision=model.revision,
+                         tensors=len(records), written=written, skipped=len(records) - written,
+                         bytes_read=source.bytes_read, status=status, run_id=run_id)
+

@@ -1,0 +1,112 @@
+"""One ranged reader for every source: local files, s3:// and http(s):// URLs.
+
+Only the bytes asked for are fetched: `read(start, end)` is one `cat_file(path, start, end)`
+(a ranged GET on S3 and HTTP), never a read-ahead cache. Filesystems come from `fs_for(url)`,
+which takes S3 endpoint, keys and region from the standard AWS variables.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import fsspec
+
+from weightsmith.errors import WeightsmithError
+
+
+def s3_options() -> dict:
+    """s3fs options from the standard AWS environment variables."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    client_kwargs: dict = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    if region:
+        client_kwargs["region_name"] = region
+    opts: dict = {"client_kwargs": client_kwargs, "default_block_size": 1 << 20}
+    # Path-style addressing: MinIO and SeaweedFS on loopback have no per-bucket host names.
+    if endpoint:
+        opts["config_kwargs"] = {"s3": {"addressing_style": "path"}}
+    return opts
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(protocol, path) with `file` for plain paths; the path is what fsspec expects."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        path = parsed.path if parsed.scheme == "file" else url
+        return "file", os.path.abspath(os.path.expanduser(path))
+    if parsed.scheme in ("s3", "s3a"):
+        return "s3", f"{parsed.netloc}{parsed.path}"
+    if parsed.scheme in ("http", "https"):
+        return parsed.scheme, url
+    raise WeightsmithError(url, f"unsupported URL scheme {parsed.scheme!r} (use a path, s3:// or http(s)://)")
+
+
+def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for a URL and the path inside it."""
+    protocol, path = split_url(url)
+    if protocol == "s3":
+        return fsspec.filesystem("s3", **s3_options()), path
+    if protocol in ("http", "https"):
+        # No block cache: every read is one ranged GET of exactly the bytes asked for.
+        return fsspec.filesystem(protocol, block_size=0), path
+    return fsspec.filesystem("file"), path
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join URL or path components with '/' (no normalisation of '..': callers never pass it)."""
+    return posixpath.join(base.rstrip("/"), *parts) if "://" in base else os.path.join(base, *parts)
+
+
+@dataclass
+class RangedReader:
+    """Reads byte ranges of one file; counts what it fetched (tests and benchmarks read it)."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    path: str
+    size: int
+    bytes_read: int = field(default=0)
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the file; a short read is an error naming the file."""
+        if start == end:
+            return b""
+        if not 0 <= start < end <= self.size:
+            raise WeightsmithError(self.url, f"range [{start}, {end}) is outside the file ({self.size} bytes)")
+        data = self.fs.cat_file(self.path, start=start, end=end)
+        self.bytes_read += len(data)
+        if len(data) != end - start:
+            raise WeightsmithError(self.url, f"short read: wanted {end - start} bytes at {start}, got {len(data)}")
+        return data
+
+
+def open_reader(url: str, fs: fsspec.AbstractFileSystem | None = None) -> RangedReader:
+    """A ranged reader on `url`; a missing or unreadable file is a one-line error."""
+    if fs is None:
+        fs, path = fs_for(url)
+    else:
+        path = split_url(url)[1]
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise WeightsmithError(url, "no such file") from None
+    except PermissionError as e:
+        raise WeightsmithError(url, f"access denied ({_reason(e)})") from None
+    except OSError as e:
+        raise WeightsmithError(url, f"cannot open ({_reason(e)})") from None
+    if info.get("type") == "directory":
+        raise WeightsmithError(url, "is a directory, not a file")
+    size = info.get("size")
+    if size is None:
+        raise WeightsmithError(url, "the server does not report the file size")
+    return RangedReader(url=url, fs=fs, path=path, size=int(size))
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,138 @@
+"""safetensors headers read through the ranged reader, validated like the reference library.
+
+Layout of a file: 8 bytes little-endian header length N, N bytes of UTF-8 JSON, then the data.
+The checks follow safetensors' Rust `SafeTensors::read_metadata` and go slightly further
+(unknown keys in a tensor entry are rejected): a header that the reference library would
+refuse is refused here too, with one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+from weightsmith import dtypes
+from weightsmith.errors import WeightsmithError
+from weightsmith.ranged import RangedReader
+from weightsmith.sources.base import Container, Segment, TensorEntry
+
+MAX_HEADER_BYTES = 100_000_000  # the reference library's limit
+_TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def parse_safetensors(reader: RangedReader, container: int, name: str) -> tuple[Container, list[TensorEntry]]:
+    """Read and validate a safetensors header.
+
+    Args:
+        reader: ranged reader on the file (two small reads: the length, then the header).
+        container: index stored in every returned TensorEntry.
+        name: the file's name relative to the source root.
+
+    Returns:
+        The container (segments: the 8 + N header bytes, then every tensor in offset order) and
+        the tensor entries in offset order.
+    """
+    where = reader.url
+    if reader.size < 8:
+        raise WeightsmithError(where, f"truncated safetensors file ({reader.size} bytes, no header length)")
+    (n,) = struct.unpack("<Q", reader.read(0, 8))
+    if n > MAX_HEADER_BYTES:
+        raise WeightsmithError(where, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > reader.size:
+        raise WeightsmithError(where, f"header length {n} runs past the end of the file ({reader.size} bytes)")
+    raw = reader.read(8, 8 + n)
+    header = _decode_header(raw, where)
+    metadata = _metadata(header.pop("__metadata__", None), where)
+
+    data_start = 8 + n
+    entries = [_entry(k, v, container, data_start, where) for k, v in header.items()]
+    entries.sort(key=lambda e: (e.start, e.end))
+    _check_coverage(entries, data_start, reader.size, where)
+
+    segments = [Segment(0, data_start)] + [Segment(e.start, e.end, e.name) for e in entries]
+    return (
+        Container(name=name, url=where, size=reader.size, format="safetensors",
+                  segments=tuple(segments), metadata=metadata),
+        entries,
+    )
+
+
+def _decode_header(raw: bytes, where: str) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WeightsmithError(where, f"header is not valid UTF-8 (byte {e.start})") from None
+    if not text.startswith("{"):
+        raise WeightsmithError(where, "header is not a JSON object")
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                raise WeightsmithError(where, f"duplicate key {k!r} in header")
+            out[k] = v
+        return out
+
+    try:
+        header = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise WeightsmithError(where, f"header is not valid JSON ({e.msg} at char {e.pos})") from None
+    except RecursionError:
+        raise WeightsmithError(where, "header JSON is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise WeightsmithError(where, "header is not a JSON object")
+    return header
+
+
+def _metadata(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise WeightsmithError(where, "__metadata__ must map strings to strings")
+    return value
+
+
+def _entry(name: str, info: object, container: int, data_start: int, where: str) -> TensorEntry:
+    if not isinstance(info, dict) or set(info) != _TENSOR_KEYS:
+        raise WeightsmithError(where, f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise WeightsmithError(where, f"tensor {name!r}: dtype must be a string")
+    if not dtypes.is_known(dtype):
+        raise WeightsmithError(where, f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not _is_uint_list(shape):
+        raise WeightsmithError(where, f"tensor {name!r}: shape must be a list of non-negative integers")
+    if not (_is_uint_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise WeightsmithError(where, f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
+    expected = math.prod(shape) * dtypes.itemsize(dtype)
+    if offsets[1] - offsets[0] != expected:
+        raise WeightsmithError(
+            where,
+            f"tensor {name!r}: {offsets[1] - offsets[0]} bytes in data_offsets but shape {shape} "
+            f"of {dtype} needs {expected}",
+        )
+    return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), container=container,
+                       start=data_start + offsets[0], end=data_start + offsets[1])
+
+
+def _is_uint_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value
+    )
+
+
+def _check_coverage(entries: list[TensorEntry], data_start: int, size: int, where: str) -> None:
+    """Offsets start at 0, are contiguous, do not overlap, and cover the data to the end."""
+    pos = data_start
+    for e in entries:
+        if e.start != pos:
+            what = "overlaps the previous tensor" if e.start < pos else "leaves a gap before it"
+            raise WeightsmithError(where, f"tensor {e.name!r} at data offset {e.start - data_start} {what}")
+        pos = e.end
+    if pos != size:
+        if pos > size:
+            raise WeightsmithError(where, f"truncated: tensors need {pos} bytes, file has {size}")
+        raise WeightsmithError(where, f"{size - pos} bytes after the last tensor are not covered by the header")
