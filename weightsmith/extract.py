@@ -353,6 +353,7 @@ def _write_images(model: ModelRef, name: str, shape, dtype: str, bands: Iterator
         tmp = _tmp_path(model.store, ".tiff")
         try:
             images.write_tiff(tmp, observed(), shape2d, {"name": name, "shape": list(shape), "dtype": dtype})
+            artifacts["tiff_sha256"] = _file_sha256(tmp)
             model.store.put_file(tmp, tiff_key)
         finally:
             if os.path.exists(tmp):
@@ -363,9 +364,19 @@ def _write_images(model: ModelRef, name: str, shape, dtype: str, bands: Iterator
             pass
     if preview is not None:
         png_key = model.png_key(name)
-        model.store.write_bytes(png_key, preview.png_bytes())
+        png = preview.png_bytes()
+        model.store.write_bytes(png_key, png)
         artifacts["png"] = png_key
+        artifacts["png_sha256"] = hashlib.sha256(png).hexdigest()
     return stats.as_dict(), artifacts
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _tmp_path(store: Store, suffix: str) -> str:
