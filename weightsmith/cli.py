@@ -1,0 +1,176 @@
+"""The `weightsmith` command line: validates input, calls the library, shows progress.
+
+User errors (WeightsmithError) print one line, `error: <file>: <problem>`, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from weightsmith import state
+from weightsmith.errors import WeightsmithError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Stream model weights into a Zarr/TIFF artifact store, predict new ones, vet them.")
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Store URL: a folder or s3://bucket/prefix "
+                                              "(default: the state folder's store).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "httpx", "asyncio"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn WeightsmithError into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except WeightsmithError as e:
+            print(f"error: {e}", file=sys.stderr)  # one line, never wrapped
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@contextmanager
+def byte_progress(description: str, enabled: bool = True):
+    """A rich progress bar over bytes; yields (advance, set_total) callbacks."""
+    if not enabled or not err.is_terminal:
+        yield (lambda n, name: None), (lambda total: None)
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[name]}"), console=err, transient=True) as p:
+        task = p.add_task(description, total=None, name="")
+        yield (lambda n, name: p.update(task, advance=n, name=name[-40:])), (lambda t: p.update(task, total=t))
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def inspect(source: Annotated[str, typer.Argument(help="File, folder or URL of the model.")],
+            as_json: JsonOpt = False) -> None:
+    """List the tensors of a model source (headers only): name, dtype, shape, size."""
+    from weightsmith.inspect import inspect_source
+
+    rows = inspect_source(source)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=source, show_lines=False)
+    for col in ("name", "dtype", "shape", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for r in rows:
+        table.add_row(r["name"], r["dtype"], str(tuple(r["shape"])), f"{r['bytes']:,}")
+    out.print(table)
+    out.print(f"{len(rows)} tensors, {sum(r['bytes'] for r in rows):,} bytes")
+
+
+@app.command()
+@user_errors
+def extract(
+    source: Annotated[str, typer.Argument(help="File, folder, s3:// or http(s):// URL of the model.")],
+    store: StoreOpt = None,
+    name: Annotated[str | None, typer.Option(help="Model slug in the store.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Revision (default: HF commit or content hash).")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Glob over tensor names (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Glob over tensor names to skip.")] = None,
+    images: Annotated[str, typer.Option(help="all: TIFF + PNG; preview: PNG; none.")] = "all",
+    force: Annotated[bool, typer.Option(help="Rewrite artifacts that are already there.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Extract every tensor into Zarr + TIFF + PNG in the store; prints the model URL."""
+    from pydantic import ValidationError
+
+    from weightsmith.extract import ExtractOptions
+    from weightsmith.extract import extract as run_extract
+
+    try:
+        options = ExtractOptions(store=store or state.default_store(), name=name, revision=revision,
+                                 include=tuple(include or ()), exclude=tuple(exclude or ()),
+                                 images=images, force=force)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise WeightsmithError("--" + str(first["loc"][0]), first["msg"]) from None
+    with byte_progress("extract") as (advance, set_total):
+        result = run_extract(source, options, progress=advance, total=set_total)
+    if as_json:
+        out.print_json(json.dumps(result.__dict__))
+        return
+    err.print(f"{result.status}: {result.tensors} tensors ({result.written} written, "
+              f"{result.skipped} already there), {result.bytes_read:,} source bytes read")
+    print(result.model_url)
+
+
+@app.command()
+@user_errors
+def verify(model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/<revision>")],
+           as_json: JsonOpt = False) -> None:
+    """Re-read every artifact of a model and check it against the manifest."""
+    from weightsmith.verify import verify as run_verify
+
+    report = run_verify(model_url)
+    if as_json:
+        out.print_json(json.dumps({"model_url": report.model_url, "checked": report.checked,
+                                   "ok": report.ok, "problems": report.problems}))
+    else:
+        for p in report.problems:
+            err.print(f"[red]bad:[/red] {p}", highlight=False)
+        print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} artifacts checked, "
+              f"{len(report.problems)} problems")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def restore(model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/<revision>")],
+            out_path: Annotated[str, typer.Option("--out", help="File (or folder for shards) to write.")],
+            dequantize: Annotated[bool, typer.Option(help="Write float32 safetensors (GPTQ as .weight).")] = False,
+            ) -> None:
+    """Rebuild the source file(s) byte for byte from the store (or a float32 file)."""
+    from weightsmith.restore import restore as run_restore
+
+    for path in run_restore(model_url, out_path, dequantize=dequantize):
+        print(path)
+
+
+@app.command()
+@user_errors
+def demo(store: StoreOpt = None,
+         size: Annotated[str, typer.Option(help="tiny (seconds) or small (a GPT-2-shaped model).")] = "small",
+         ) -> None:
+    """The main job: build a GPT-2-shaped model offline and extract it into the store."""
+    from weightsmith.demo import run_demo
+
+    run_demo(store or state.default_store(), size=size, console=err)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
