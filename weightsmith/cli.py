@@ -99,29 +99,74 @@ def extract(
     exclude: Annotated[list[str] | None, typer.Option(help="Glob over tensor names to skip.")] = None,
     images: Annotated[str, typer.Option(help="all: TIFF + PNG; preview: PNG; none.")] = "all",
     force: Annotated[bool, typer.Option(help="Rewrite artifacts that are already there.")] = False,
+    no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Call the library directly.")] = False,
+    task_runner: Annotated[str, typer.Option(help="threads, processes or dask.")] = "threads",
+    workers: Annotated[int, typer.Option(help="Units extracted at once.")] = 4,
+    dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler (with dask).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Extract every tensor into Zarr + TIFF + PNG in the store; prints the model URL."""
-    from pydantic import ValidationError
-
-    from weightsmith.extract import ExtractOptions
+    from weightsmith.extract import ExtractOptions, prepare
     from weightsmith.extract import extract as run_extract
 
+    options = _options(ExtractOptions, store=store or state.default_store(), name=name, revision=revision,
+                       include=tuple(include or ()), exclude=tuple(exclude or ()), images=images, force=force)
+    if no_prefect:
+        with byte_progress("extract") as (advance, set_total):
+            result = run_extract(source, options, progress=advance, total=set_total)
+        if as_json:
+            out.print_json(json.dumps(result.__dict__))
+            return
+        err.print(f"{result.status}: {result.tensors} tensors ({result.written} written, "
+                  f"{result.skipped} already there), {result.bytes_read:,} source bytes read")
+        print(result.model_url)
+        return
+    prepare(source, options)  # bad input fails here, before a flow run exists
+    flow = _flow("extract", task_runner, workers, dask_address)
+    model_url = flow(source=source, store=options.store, name=name, revision=revision,
+                     include=list(options.include), exclude=list(options.exclude), images=images, force=force)
+    if as_json:
+        out.print_json(json.dumps({"model_url": model_url}))
+    else:
+        print(model_url)
+
+
+def _options(cls, **values):
+    """Validate options once, at the edge; a bad value is a one-line error naming the flag."""
+    from pydantic import ValidationError
+
     try:
-        options = ExtractOptions(store=store or state.default_store(), name=name, revision=revision,
-                                 include=tuple(include or ()), exclude=tuple(exclude or ()),
-                                 images=images, force=force)
+        return cls(**values)
     except ValidationError as e:
         first = e.errors()[0]
-        raise WeightsmithError("--" + str(first["loc"][0]), first["msg"]) from None
-    with byte_progress("extract") as (advance, set_total):
-        result = run_extract(source, options, progress=advance, total=set_total)
-    if as_json:
-        out.print_json(json.dumps(result.__dict__))
-        return
-    err.print(f"{result.status}: {result.tensors} tensors ({result.written} written, "
-              f"{result.skipped} already there), {result.bytes_read:,} source bytes read")
-    print(result.model_url)
+        raise WeightsmithError("--" + str(first["loc"][0]).replace("_", "-"), first["msg"]) from None
+
+
+def _flow(name: str, task_runner: str, workers: int, dask_address: str | None):
+    """A flow with the chosen task runner, Prefect configured for the embedded default."""
+    state.configure_prefect()
+    from flows import registry
+    from flows.runners import RUNNERS, make_runner
+
+    if task_runner not in RUNNERS:
+        raise WeightsmithError("--task-runner", f"unknown runner {task_runner!r} (choose from {', '.join(RUNNERS)})")
+    _quiet_prefect()
+    return registry.FLOWS[name].with_options(task_runner=make_runner(task_runner, workers, dask_address))
+
+
+def _quiet_prefect() -> None:
+    """User errors raised inside tasks stay one line: drop their tracebacks from Prefect's logs."""
+
+    class OneLine(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], WeightsmithError):
+                record.exc_info = None
+                record.exc_text = None
+                record.msg, record.args = str(record.getMessage()).splitlines()[0], ()
+            return True
+
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect"):
+        logging.getLogger(name).addFilter(OneLine())
 
 
 @app.command()

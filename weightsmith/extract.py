@@ -64,6 +64,7 @@ class WorkUnit:
     index: int
     names: tuple[str, ...]
     nbytes: int
+    raw: tuple[str, ...] = ()  # the raw tensors read from the source (GPTQ components included)
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,18 @@ def plan(source: Source, options: ExtractOptions) -> list[WorkUnit]:
     for name in names:
         size = _source_bytes(source, name)
         if batch and batch_bytes + size > options.unit_bytes:
-            units.append(WorkUnit(len(units), tuple(batch), batch_bytes))
+            units.append(_unit(source, len(units), batch, batch_bytes))
             batch, batch_bytes = [], 0
         batch.append(name)
         batch_bytes += size
     if batch:
-        units.append(WorkUnit(len(units), tuple(batch), batch_bytes))
+        units.append(_unit(source, len(units), batch, batch_bytes))
     return units
+
+
+def _unit(source: Source, index: int, names: list[str], nbytes: int) -> WorkUnit:
+    raw = tuple(r for n in names for r in _raw_names(source, n))
+    return WorkUnit(index, tuple(names), nbytes, raw)
 
 
 def _groups(source: Source) -> dict[str, GptqGroup]:
@@ -142,13 +148,12 @@ def _source_bytes(source: Source, name: str) -> int:
 def checksum_unit(source: Source, unit: WorkUnit, block_bytes: int) -> dict[str, str]:
     """sha256 of the source bytes of every raw tensor in the unit."""
     out = {}
-    for name in unit.names:
-        for raw in _raw_names(source, name):
-            entry = source.tensors[raw]
-            h = hashlib.sha256()
-            for start in range(entry.start, entry.end, block_bytes):
-                h.update(source.read(entry.container, start, min(entry.end, start + block_bytes)))
-            out[raw] = h.hexdigest()
+    for raw in unit.raw:
+        entry = source.tensors[raw]
+        h = hashlib.sha256()
+        for start in range(entry.start, entry.end, block_bytes):
+            h.update(source.read(entry.container, start, min(entry.end, start + block_bytes)))
+        out[raw] = h.hexdigest()
     return out
 
 
@@ -508,6 +513,48 @@ def new_run_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExtractPlan:
+    """What an extraction will do, decided from headers alone (small: safe to pass around)."""
+
+    source_url: str
+    units: tuple[WorkUnit, ...]  # the selected tensors
+    checksum_units: tuple[WorkUnit, ...]  # every tensor, when the revision needs checksums; else ()
+    total_bytes: int  # source bytes the run will read (checksum pass included)
+
+
+def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPlan]:
+    """Check the input before anything is written: parse headers, plan, probe the store."""
+    source = open_source(source_url)
+    units = plan(source, options)
+    Store(options.store).check_writable()
+    known = options.revision or source.hf_revision
+    checksum_units = () if known else tuple(plan(source, options.model_copy(update={"include": (), "exclude": ()})))
+    total = sum(u.nbytes for u in units) + sum(u.nbytes for u in checksum_units)
+    return source, ExtractPlan(source_url, tuple(units), checksum_units, total)
+
+
+def stored_records(source: Source, model: ModelRef, units: tuple[WorkUnit, ...]) -> list[dict]:
+    """The records of every planned tensor, read back from the store (the store is the truth)."""
+    records = []
+    for unit in units:
+        for name in unit.names:
+            group = _groups(source).get(name)
+            for n in (*group.components, name) if group else (name,):
+                record = arrays.read_record(model.store, model.tensor_key(n))
+                if record is None:
+                    raise WeightsmithError(model.url, f"tensor {n!r} is not complete in the store")
+                records.append(record)
+    return records
+
+
+def run_facts(run_id: str, kind: str, options: BaseModel, source_url: str) -> dict:
+    """Run facts for runs/<run-id>.json (times and host: never in the manifest)."""
+    return {"run_id": run_id, "kind": kind, "started": time.time(), "host": socket.gethostname(),
+            "platform": platform.platform(), "tool_version": __version__,
+            "options": options.model_dump(mode="json"), "source": _public_url(source_url)}
+
+
 def extract(source_url: str, options: ExtractOptions, progress: Progress | None = None,
             total: Callable[[int], None] | None = None) -> ExtractResult:
     """The whole extraction in this process: validate, identify, write, publish.
@@ -515,32 +562,24 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
     Input is checked before the first write: headers parsed, the store probed with a test write.
     A failure part-way keeps the finished tensors (a re-run resumes) and writes no manifest.
     """
-    started = time.time()
-    source = open_source(source_url)
-    units = plan(source, options)
-    store = Store(options.store)
-    store.check_writable()
-    known = options.revision or source.hf_revision
-    all_units = plan(source, options.model_copy(update={"include": (), "exclude": ()}))
+    source, the_plan = prepare(source_url, options)
     if total:
-        total(sum(u.nbytes for u in units) + (0 if known else sum(u.nbytes for u in all_units)))
+        total(the_plan.total_bytes)
     checksums: dict[str, str] | None = None
-    if not known:
+    if the_plan.checksum_units:
         checksums = {}
-        for u in all_units:
+        for u in the_plan.checksum_units:
             checksums.update(checksum_unit(source, u, options.block_bytes))
             if progress:
                 progress(u.nbytes, "checksums")
     model = model_ref(source, options, checksums)
     run_id = new_run_id()
-    facts = {"run_id": run_id, "kind": "extract", "started": started, "host": socket.gethostname(),
-             "platform": platform.platform(), "tool_version": __version__,
-             "options": options.model_dump(mode="json"), "source": _public_url(source.url)}
+    facts = run_facts(run_id, "extract", options, source.url)
     try:
         files = write_files(model, source)
         records: list[dict] = []
         written = 0
-        for unit in units:
+        for unit in the_plan.units:
             result = extract_unit(source, model, unit, options, checksums, progress)
             records += result.records
             written += result.written
@@ -554,4 +593,3 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
     return ExtractResult(model_url=model.url, slug=model.slug, revision=model.revision,
                          tensors=len(records), written=written, skipped=len(records) - written,
                          bytes_read=source.bytes_read, status=status, run_id=run_id)
-

@@ -26,11 +26,12 @@ def s3_options() -> dict:
         client_kwargs["endpoint_url"] = endpoint
     if region:
         client_kwargs["region_name"] = region
-    opts: dict = {"client_kwargs": client_kwargs, "default_block_size": 1 << 20}
-    # Path-style addressing: MinIO and SeaweedFS on loopback have no per-bucket host names.
+    # A hung request fails after these timeouts and the caller (a Prefect task) retries.
+    config: dict = {"connect_timeout": 10, "read_timeout": 120}
     if endpoint:
-        opts["config_kwargs"] = {"s3": {"addressing_style": "path"}}
-    return opts
+        # Path-style addressing: MinIO and SeaweedFS on loopback have no per-bucket host names.
+        config["s3"] = {"addressing_style": "path"}
+    return {"client_kwargs": client_kwargs, "config_kwargs": config, "default_block_size": 1 << 20}
 
 
 def split_url(url: str) -> tuple[str, str]:

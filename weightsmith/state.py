@@ -28,3 +28,15 @@ def cache_dir() -> Path:
     d = home() / "cache"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def configure_prefect() -> None:
+    """Embedded default: PREFECT_HOME in the state folder and analytics off, unless the user
+    already configured Prefect. Call before Prefect is imported."""
+    os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
+    # Prefect's ephemeral server hangs at start (and times out) when PREFECT_HOME is missing.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The ephemeral API server may need longer than Prefect's default to start on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

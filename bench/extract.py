@@ -1,0 +1,439 @@
+"""Benchmark: extract a GPT-2-small-shaped model into a local store, against `cp` and a naive way.
+
+    .venv/bin/python bench/extract.py [--layers-mult 1 4] [--out DIR] [--json FILE]
+                                      [--repeat N] [--codec] [--profile] [--keep]
+
+For each size (1x = GPT-2 small, 12 layers, 124M parameters, random init, built offline with
+transformers and cached under --out; 4x = the same with 48 layers), in one run and with the
+source file in the page cache, it measures:
+
+- ours:  `weightsmith.extract.extract(src, ExtractOptions(images="all", revision="bench"))`
+         into a fresh local store, and again with `revision=None` (the content-hash pass too);
+- cp:    `cp -r` of ours' output tree (the same bytes and files: the disk bound);
+- naive: `safetensors.numpy.load_file`, then `np.save` and a Pillow float TIFF per tensor.
+
+Each of ours and naive runs in a fresh child process that reports its work time (imports
+excluded) and its own peak RSS. No method syncs; dirty pages of the previous method are flushed
+(untimed) before the next one starts. Ratios are the point: nothing here asserts wall time, and
+the exit status is 0 whether the targets pass or not.
+
+--codec times ours with other TIFF and Zarr codecs (module attributes set in the child),
+--profile runs ours under cProfile at the smallest size and prints where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+# GPT-2 small: (layers, width, heads, vocab, context); 124M parameters
+GPT2_SMALL = (12, 768, 12, 50257, 1024)
+OUTPUT_PER_SOURCE = 2.2  # ours writes about 2x the source (Zarr + TIFF + PNG); a safe margin
+TARGET_CP = 2.0  # ours within this many times cp
+TARGET_RSS_TENSORS, TARGET_RSS_BASE = 2, 300 * c.MB  # peak RSS < 2 x largest tensor + 300 MB
+TARGET_FLAT_FACTOR, TARGET_FLAT_SLACK = 1.25, 50 * c.MB  # 4x RSS <= 1x RSS * 1.25 + 50 MB
+
+# --codec variants: (label, TIFF_COMPRESSION, Zarr codec name, images mode)
+CODEC_VARIANTS = [
+    ("default: tiff none + zarr blosc-lz4", None, "blosc-lz4", "all"),
+    ("tiff zstd + zarr blosc-lz4", "zstd", "blosc-lz4", "all"),
+    ("tiff zlib + zarr blosc-lz4", "zlib", "blosc-lz4", "all"),
+    ("tiff none + zarr blosc-zstd-1", None, "blosc-zstd-1", "all"),
+    ("tiff none + zarr zstd-0", None, "zstd-0", "all"),
+    ("tiff none + zarr uncompressed", None, "none", "all"),
+    ("images none (zarr blosc-lz4 only)", None, "blosc-lz4", "none"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# the child side
+def _zarr_codecs(name: str):
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    return {
+        "blosc-lz4": [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
+        "blosc-zstd-1": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
+        "zstd-0": [ZstdCodec(level=0)],
+        "none": None,
+    }[name]
+
+
+def child(spec: dict) -> None:
+    if spec["method"] == "ours":
+        _child_ours(spec)
+    elif spec["method"] == "naive":
+        _child_naive(spec)
+    else:
+        raise SystemExit(f"unknown method {spec['method']!r}")
+
+
+def _child_ours(spec: dict) -> None:
+    from weightsmith import images
+    from weightsmith.extract import ExtractOptions, extract
+    from weightsmith.store import arrays
+
+    if "tiff" in spec:
+        images.TIFF_COMPRESSION = spec["tiff"]
+    if "zarr" in spec:
+        arrays._COMPRESSORS = _zarr_codecs(spec["zarr"])
+    options = ExtractOptions(store=spec["store"], images=spec.get("images", "all"),
+                             revision=spec.get("revision"))
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+    started = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    result = extract(spec["src"], options)
+    if profiler:
+        profiler.disable()
+    seconds = time.perf_counter() - started
+    if profiler:
+        profiler.dump_stats(spec["profile"])
+    c.report_child(seconds, tensors=result.tensors, bytes_read=result.bytes_read,
+                   revision=result.revision, tiff_compression=images.TIFF_COMPRESSION,
+                   zarr_compressors=repr(arrays._COMPRESSORS))
+
+
+def _child_naive(spec: dict) -> None:
+    import math
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.numpy import load_file
+
+    dest = Path(spec["dest"])
+    started = time.perf_counter()
+    tensors = load_file(spec["src"])  # every tensor in memory at once
+    dest.mkdir(parents=True, exist_ok=True)
+    for i, (name, array) in enumerate(tensors.items()):
+        base = dest / f"{i:04d}-{name.replace('/', '_')}"
+        np.save(f"{base}.npy", array)
+        shape = array.shape
+        rows, cols = ((1, 1) if not shape else (1, shape[0]) if len(shape) == 1
+                      else (shape[0], math.prod(shape[1:])))
+        view = np.ascontiguousarray(array.astype(np.float32, copy=False).reshape(rows, cols))
+        Image.fromarray(view).save(f"{base}.tiff")  # mode "F": 32-bit float, uncompressed
+    c.report_child(time.perf_counter() - started, tensors=len(tensors))
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent side
+def model_params(layers: int, width: int, heads: int, vocab: int, context: int) -> int:
+    """Parameters saved by GPT2LMHeadModel (lm_head is tied to wte and not saved)."""
+    per_layer = 12 * width * width + 13 * width
+    return vocab * width + context * width + layers * per_layer + 2 * width
+
+
+def build_model(out: Path, mult: int) -> Path:
+    """The safetensors file of the model at `mult` x the layers, built once in a child."""
+    layers, width, heads, vocab, context = GPT2_SMALL
+    folder = out / "models" / f"gpt2-small-x{mult}"
+    weights = folder / "model.safetensors"
+    if weights.exists():
+        return weights
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building {folder} ({layers * mult} layers, random init; cached for later runs) ...",
+          flush=True)
+    code = ("import sys; from pathlib import Path; from weightsmith.demo import build_gpt2; "
+            f"build_gpt2(Path(sys.argv[1]), {layers * mult}, {width}, {heads}, {vocab}, {context})")
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code, str(folder)], check=True, cwd=c.ROOT)
+    return weights
+
+
+def largest_tensor(path: Path) -> tuple[str, int]:
+    """The biggest tensor of a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    best = max(((k, v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()
+                if k != "__metadata__"), key=lambda kv: kv[1])
+    return best
+
+
+def _best(runs: list[dict]) -> dict:
+    """Fastest of the repeats, with the highest peak RSS seen in any of them."""
+    best = dict(min(runs, key=lambda r: r["seconds"]))
+    best["rss_bytes"] = max(r["rss_bytes"] for r in runs)
+    best["all_seconds"] = [round(r["seconds"], 3) for r in runs]
+    return best
+
+
+CP_TRIES = 3  # cp is cheap and its time is the noisiest here: this many tries per round
+
+
+def measure(src: Path, work: Path, repeat: int, keep: bool) -> dict:
+    """ours (given revision, content hash), cp of ours' output, naive: one size.
+
+    The methods run in interleaved rounds (ours, cp, ours with content hash, naive), `repeat`
+    rounds, and the fastest run of each method counts: on a shared VM the first touch of memory
+    and other tenants' I/O make single runs vary by 2x and more.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    c.warm(src)
+    store, copy, naive = work / "store", work / "store-cp", work / "naive"
+    res: dict = {"source_bytes": src.stat().st_size}
+    res["largest_tensor"], res["largest_tensor_bytes"] = largest_tensor(src)
+    runs: dict[str, list[dict]] = {"ours": [], "ours_hash": [], "cp": [], "naive": []}
+
+    def ours(key: str, revision: str | None) -> None:
+        c.remove(store)
+        c.settle()
+        r = c.run_child(SCRIPT, {"method": "ours", "src": str(src), "store": str(store),
+                                 "revision": revision})
+        r["output_bytes"], r["files"] = c.tree_bytes(store)
+        runs[key].append(r)
+
+    for _ in range(repeat):
+        ours("ours", "bench")
+        # cp of exactly ours' output (same bytes, same files), which was just written: cached
+        for _ in range(CP_TRIES):
+            c.remove(copy)
+            c.settle()
+            seconds = c.time_command(["cp", "-r", str(store), str(copy)])
+            flush = c.time_command(["sync"])  # informational: not part of the cp time
+            out_bytes, files = c.tree_bytes(copy)
+            runs["cp"].append({"seconds": seconds, "sync_seconds": flush, "rss_bytes": None,
+                               "output_bytes": out_bytes, "files": files})
+        c.remove(copy)
+        ours("ours_hash", None)
+        c.remove(naive)
+        c.settle()
+        r = c.run_child(SCRIPT, {"method": "naive", "src": str(src), "dest": str(naive)})
+        r["output_bytes"], r["files"] = c.tree_bytes(naive)
+        runs["naive"].append(r)
+        c.remove(naive)
+    if not keep:
+        c.remove(store)
+    c.settle()
+    for key, rs in runs.items():
+        res[key] = _best(rs) if key != "cp" else {
+            **min(rs, key=lambda r: r["seconds"]),
+            "all_seconds": [round(r["seconds"], 3) for r in rs]}
+    return res
+
+
+METHODS = [
+    ("ours", "ours (images=all, revision given)"),
+    ("ours_hash", "ours (images=all, content hash)"),
+    ("cp", "cp -r of ours' output"),
+    ("naive", "naive (load_file, np.save, PIL TIFF)"),
+]
+
+
+def size_table(res: dict) -> str:
+    cp_s, ours_s = res["cp"]["seconds"], res["ours"]["seconds"]
+    rows = []
+    for key, label in METHODS:
+        r = res[key]
+        rows.append([label, f"{r['seconds']:.2f}", c.fmt_ratio(r["seconds"] / cp_s),
+                     c.fmt_ratio(r["seconds"] / ours_s), c.fmt_mb(r["rss_bytes"]),
+                     c.fmt_mb(r["output_bytes"]), r["files"]])
+    return c.table(["method", "seconds", "x cp", "x ours", "peak RSS MB", "output MB", "files"],
+                   rows)
+
+
+def verdicts(sizes: dict[int, dict]) -> list[tuple[str, bool, str]]:
+    out = []
+    for mult, res in sizes.items():
+        ours, cp, naive = res["ours"], res["cp"], res["naive"]
+        ratio = ours["seconds"] / cp["seconds"]
+        hash_ratio = res["ours_hash"]["seconds"] / cp["seconds"]
+        out.append((f"{mult}x: ours within {TARGET_CP:g}x of cp", ratio <= TARGET_CP,
+                    f"{ratio:.2f}x (content hash: {hash_ratio:.2f}x)"))
+        out.append((f"{mult}x: ours faster than naive", ours["seconds"] < naive["seconds"],
+                    f"{ours['seconds']:.2f}s vs {naive['seconds']:.2f}s "
+                    f"({naive['seconds'] / ours['seconds']:.2f}x faster)"))
+        limit = TARGET_RSS_TENSORS * res["largest_tensor_bytes"] + TARGET_RSS_BASE
+        rss = max(ours["rss_bytes"], res["ours_hash"]["rss_bytes"])
+        out.append((f"{mult}x: peak RSS < 2 x largest tensor + 300 MB", rss < limit,
+                    f"{rss / c.MB:,.0f} MB < {limit / c.MB:,.0f} MB"))
+    mults = sorted(sizes)
+    if len(mults) > 1:
+        lo, hi = mults[0], mults[-1]
+        rss_lo = max(sizes[lo]["ours"]["rss_bytes"], sizes[lo]["ours_hash"]["rss_bytes"])
+        rss_hi = max(sizes[hi]["ours"]["rss_bytes"], sizes[hi]["ours_hash"]["rss_bytes"])
+        limit = rss_lo * TARGET_FLAT_FACTOR + TARGET_FLAT_SLACK
+        out.append((f"peak RSS flat from {lo}x to {hi}x", rss_hi <= limit,
+                    f"{rss_hi / c.MB:,.0f} MB <= {rss_lo / c.MB:,.0f} x {TARGET_FLAT_FACTOR:g} "
+                    f"+ 50 = {limit / c.MB:,.0f} MB"))
+    return out
+
+
+def codec_experiment(src: Path, work: Path) -> list[dict]:
+    """ours with each codec variant (revision given), each against cp of its own output."""
+    c.warm(src)
+    rows = []
+    store, copy = work / "codec-store", work / "codec-store-cp"
+    for label, tiff, zarr_name, images in CODEC_VARIANTS:
+        c.remove(store)
+        c.settle()
+        r = c.run_child(SCRIPT, {"method": "ours", "src": str(src), "store": str(store),
+                                 "revision": "bench", "tiff": tiff, "zarr": zarr_name,
+                                 "images": images})
+        r["output_bytes"], r["files"] = c.tree_bytes(store)
+        c.remove(copy)
+        c.settle()
+        r["cp_seconds"] = c.time_command(["cp", "-r", str(store), str(copy)])
+        c.remove(copy)
+        c.remove(store)
+        r.update(label=label, tiff=tiff, zarr=zarr_name, images=images)
+        rows.append(r)
+        print(f"  {label}: {r['seconds']:.2f}s", flush=True)
+    c.settle()
+    return rows
+
+
+def codec_table(rows: list[dict], src_bytes: int) -> str:
+    base = rows[0]
+    out = []
+    for r in rows:
+        out.append([r["label"], f"{r['seconds']:.2f}", c.fmt_mb(r["output_bytes"]),
+                    c.fmt_ratio(r["seconds"] / r["cp_seconds"]),
+                    c.fmt_ratio(r["seconds"] / base["cp_seconds"]),
+                    c.fmt_ratio(r["seconds"] / base["seconds"]),
+                    f"{src_bytes / r['seconds'] / c.MB:,.0f}", c.fmt_mb(r["rss_bytes"])])
+    return c.table(["variant", "seconds", "output MB", "x cp(own)", "x cp(default)",
+                    "x default", "source MB/s", "peak RSS MB"], out)
+
+
+def profile(src: Path, work: Path, top: int = 10) -> dict:
+    """ours under cProfile; the top functions by cumulative and by own time."""
+    import pstats
+
+    c.warm(src)
+    store, stats_path = work / "profile-store", work / "extract.prof"
+    c.remove(store)
+    c.settle()
+    r = c.run_child(SCRIPT, {"method": "ours", "src": str(src), "store": str(store),
+                             "revision": "bench", "profile": str(stats_path)})
+    c.remove(store)
+    stats = pstats.Stats(str(stats_path)).stats  # func -> (cc, nc, tt, ct, callers)
+
+    def where(func) -> str:
+        filename, line, name = func
+        for marker in ("site-packages/", "weightsmith/", "lib/python"):
+            if marker in filename:
+                filename = filename[filename.index(marker) + len(marker):]
+                break
+        return f"{name} ({filename}:{line})" if line else name
+
+    def rows(index: int) -> list[dict]:
+        ranked = sorted(stats.items(), key=lambda kv: kv[1][index], reverse=True)[:top]
+        return [{"function": where(f), "calls": s[1], "tottime": s[2], "cumtime": s[3]}
+                for f, s in ranked]
+
+    return {"seconds": r["seconds"], "stats_file": str(stats_path),
+            "by_cumulative": rows(3), "by_tottime": rows(2)}
+
+
+def profile_table(rows: list[dict]) -> str:
+    return c.table(["cumtime s", "tottime s", "calls", "function"],
+                   [[f"{r['cumtime']:.2f}", f"{r['tottime']:.2f}", r["calls"], r["function"]]
+                    for r in rows], "rrrl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers-mult", type=int, nargs="+", default=[1, 4],
+                   help="model sizes as multiples of GPT-2 small's 12 layers (default: 1 4)")
+    p.add_argument("--out", type=Path, default=c.DEFAULT_OUT,
+                   help="work folder: cached models and scratch stores (default: bench/out)")
+    p.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    p.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest counts")
+    p.add_argument("--codec", action="store_true",
+                   help="also time TIFF/Zarr codec alternatives at the smallest size")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile ours (cProfile) at the smallest size")
+    p.add_argument("--keep", action="store_true", help="keep the output stores under --out")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    machine, disk = c.machine(), c.disk(out)
+    print(c.describe(machine, disk))
+    print("method: page cache warm (source read once first); no method syncs, dirty pages are "
+          "flushed untimed between methods;\n        seconds are the work in a fresh child "
+          f"process (imports excluded); repeat={args.repeat}, fastest kept\n", flush=True)
+    results: dict = {"machine": machine, "disk": disk, "repeat": args.repeat, "sizes": {}}
+    started = time.perf_counter()
+    for mult in sorted(set(args.layers_mult)):
+        layers, width, heads, vocab, context = GPT2_SMALL
+        est = 4 * model_params(layers * mult, width, heads, vocab, context)
+        weights = out / "models" / f"gpt2-small-x{mult}" / "model.safetensors"
+        # the source (if not built yet) + ours' output + its cp at once, then naive's output
+        need = (0 if weights.exists() else est) + 2 * OUTPUT_PER_SOURCE * est + 500 * c.MB
+        free = c.disk(out)["free_bytes"]
+        if free < need:
+            print(f"== {mult}x: SKIPPED, needs ~{need / 1e9:.1f} GB free disk, "
+                  f"{free / 1e9:.1f} GB free at {out}\n")
+            results["sizes"][mult] = {"skipped": f"needs {need} bytes of disk, {free} free"}
+            continue
+        if machine["ram_bytes"] and machine["ram_bytes"] < 2 * est + 1e9:
+            print(f"== {mult}x: SKIPPED, the naive method needs ~{est / 1e9:.1f} GB of RAM\n")
+            results["sizes"][mult] = {"skipped": "not enough RAM for the naive method"}
+            continue
+        src = build_model(out, mult)
+        res = measure(src, out / "runs" / f"x{mult}", args.repeat, args.keep)
+        results["sizes"][mult] = res
+        print(f"== {mult}x: GPT-2-small-shaped, {layers * mult} layers, "
+              f"{res['source_bytes'] / c.MB:,.0f} MB source, "
+              f"{res['ours']['tensors']} tensors; largest tensor {res['largest_tensor']} "
+              f"{res['largest_tensor_bytes'] / c.MB:,.0f} MB")
+        print(size_table(res) + "\n", flush=True)
+
+    done = {m: r for m, r in results["sizes"].items() if "skipped" not in r}
+    if done:
+        print("== targets")
+        checks = verdicts(done)
+        results["targets"] = [{"target": t, "pass": ok, "detail": d} for t, ok, d in checks]
+        for target, ok, detail in checks:
+            print(f"{'PASS' if ok else 'FAIL'}  {target}: {detail}")
+        print()
+
+    smallest = min(set(args.layers_mult))
+    if args.codec or args.profile:
+        src = build_model(out, smallest)
+        work = out / "runs" / f"x{smallest}"
+        work.mkdir(parents=True, exist_ok=True)
+    if args.codec:
+        print(f"== codec experiment at {smallest}x (revision given; cp of each variant's own "
+              "output, and of the default's)", flush=True)
+        rows = codec_experiment(src, work)
+        results["codec"] = rows
+        print(codec_table(rows, src.stat().st_size) + "\n", flush=True)
+    if args.profile:
+        print(f"== profile of ours at {smallest}x (cProfile: its overhead inflates times)",
+              flush=True)
+        prof = profile(src, work)
+        results["profile"] = prof
+        print(f"total {prof['seconds']:.2f}s under the profiler; top by cumulative time:")
+        print(profile_table(prof["by_cumulative"]))
+        print("top by own time:")
+        print(profile_table(prof["by_tottime"]) + "\n")
+    print(f"benchmark took {time.perf_counter() - started:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The `extract-model` flow: plan from headers, fan units out, publish the manifest last.
+
+Resume comes from the store: a unit whose tensors are complete and match their checksums is
+skipped by the library, so re-running after a crash recomputes only what is missing, and the
+manifest of a resumed run is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from flows.artifacts import publish_model_artifacts
+from flows.runners import make_runner
+from tasks import extract as t
+from weightsmith import state
+from weightsmith.extract import ExtractOptions
+from weightsmith.model import parse_model_url
+
+
+@flow(name="extract-model", task_runner=make_runner("threads", 4), validate_parameters=True)
+def extract_model(
+    source: str,
+    store: str | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    images: str = "all",
+    force: bool = False,
+) -> str:
+    """Extract every tensor of `source` into the store; returns the model URL."""
+    started = time.time()
+    log = get_run_logger()
+    options = ExtractOptions(store=store or state.default_store(), name=name, revision=revision,
+                             include=tuple(include or ()), exclude=tuple(exclude or ()),
+                             images=images, force=force)
+    the_plan = t.prepare(source, options)
+    log.info("%d work units, %d source bytes to read", len(the_plan.units), the_plan.total_bytes)
+
+    checksums = None
+    if the_plan.checksum_units:
+        futures = t.checksum_unit.map(source, the_plan.checksum_units, options.block_bytes)
+        checksums = {k: v for f in futures for k, v in f.result().items()}
+    resolved = t.resolve_model(source, options, checksums)
+    model_url = resolved["model_url"]
+
+    progress_id = create_progress_artifact(progress=0.0, description=f"extract {model_url}")
+    futures = [
+        t.extract_unit.submit(source, model_url, unit, options,
+                              None if checksums is None else {n: checksums[n] for n in unit.raw})
+        for unit in the_plan.units
+    ]
+    done_bytes, written = 0, 0
+    sizes = {f.task_run_id: u.nbytes for f, u in zip(futures, the_plan.units, strict=True)}
+    for future in as_completed(futures):
+        written += future.result()
+        done_bytes += sizes[future.task_run_id]
+        update_progress_artifact(progress_id, progress=100.0 * done_bytes / max(1, sum(sizes.values())))
+
+    outcome = t.publish(source, model_url, resolved["files"], the_plan, options)
+    model = parse_model_url(model_url)
+    publish_model_artifacts(model, model.manifest(), time.time() - started, outcome["status"])
+    log.info("%s: %s (%d tensors written)", outcome["status"], model_url, written)
+    return model_url
+

@@ -1,0 +1,1 @@
+"""Prefect tasks: one library call each, plus retries, timeouts, cache policy and tags."""

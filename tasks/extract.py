@@ -1,0 +1,64 @@
+"""Extraction tasks: thin wrappers of `weightsmith.extract` stages.
+
+Tasks receive URLs, keys and small frozen plans, never arrays. The store is the truth, not
+Prefect's result cache: nothing here is cached, so a wiped store is never counted as done.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.policy import RETRIES, RETRY_DELAYS, RETRY_JITTER, storage_error
+from weightsmith import extract as lib
+from weightsmith.model import parse_model_url
+from weightsmith.sources import Source, open_source
+
+_POLICY = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=RETRY_JITTER,
+               retry_condition_fn=storage_error, cache_policy=NO_CACHE, tags=["weightsmith", "extract"])
+
+
+@lru_cache(maxsize=8)
+def _source(url: str) -> Source:
+    """Each worker process parses a source's headers once and reuses them for its units."""
+    return open_source(url)
+
+
+@task(name="prepare-extract", **_POLICY)
+def prepare(source_url: str, options: lib.ExtractOptions) -> lib.ExtractPlan:
+    return lib.prepare(source_url, options)[1]
+
+
+@task(name="checksum-unit", **_POLICY)
+def checksum_unit(source_url: str, unit: lib.WorkUnit, block_bytes: int) -> dict[str, str]:
+    return lib.checksum_unit(_source(source_url), unit, block_bytes)
+
+
+@task(name="resolve-model", **_POLICY)
+def resolve_model(source_url: str, options: lib.ExtractOptions, checksums: dict[str, str] | None) -> dict:
+    """Name the model (slug, revision) and copy headers and sidecars into its files/."""
+    source = _source(source_url)
+    model = lib.model_ref(source, options, checksums)
+    return {"model_url": model.url, "files": lib.write_files(model, source)}
+
+
+@task(name="extract-unit", **_POLICY)
+def extract_unit(source_url: str, model_url: str, unit: lib.WorkUnit, options: lib.ExtractOptions,
+                 expected: dict[str, str] | None) -> int:
+    """Returns the number of tensors written (0 when the unit was already complete)."""
+    result = lib.extract_unit(_source(source_url), parse_model_url(model_url), unit, options, expected)
+    return result.written
+
+
+@task(name="publish-manifest", **_POLICY)
+def publish(source_url: str, model_url: str, files: dict, the_plan: lib.ExtractPlan,
+            options: lib.ExtractOptions) -> dict:
+    """Read every record back from the store and write the manifest last."""
+    source = _source(source_url)
+    model = parse_model_url(model_url)
+    records = lib.stored_records(source, model, the_plan.units)
+    manifest = lib.build_manifest(model, source, options, files, records)
+    status = lib.publish(model, manifest, options.force)
+    return {"status": status, "manifest": model.key("manifest.json"), "tensors": len(records)}
