@@ -17,7 +17,7 @@ from flows.artifacts import publish_model_artifacts
 from flows.runners import make_runner
 from tasks import extract as t
 from weightsmith import state
-from weightsmith.extract import ExtractOptions
+from weightsmith.extract import ExtractOptions, new_run_id, run_facts
 from weightsmith.model import parse_model_url
 
 
@@ -49,19 +49,29 @@ def extract_model(
     model_url = resolved["model_url"]
 
     progress_id = create_progress_artifact(progress=0.0, description=f"extract {model_url}")
+    facts = run_facts(new_run_id(), "extract-flow", options, source)
     futures = [
         t.extract_unit.submit(source, model_url, unit, options,
                               None if checksums is None else {n: checksums[n] for n in unit.raw})
         for unit in the_plan.units
     ]
-    done_bytes, written = 0, 0
+    done_bytes, written, failed = 0, 0, []
     sizes = {f.task_run_id: u.nbytes for f, u in zip(futures, the_plan.units, strict=True)}
     for future in as_completed(futures):
-        written += future.result()
+        try:
+            written += future.result()
+        except Exception as e:  # the unit failed after its retries; the others go on
+            failed.append(e)
         done_bytes += sizes[future.task_run_id]
         update_progress_artifact(progress_id, progress=100.0 * done_bytes / max(1, sum(sizes.values())))
-
-    outcome = t.publish(source, model_url, resolved["files"], the_plan, options)
+    facts["written"] = written
+    if failed:
+        # Finished units stay in the store for the next run; no manifest is written.
+        error = (str(failed[0]).splitlines() or [type(failed[0]).__name__])[0][:500]
+        t.record_run(model_url, {**facts, "outcome": "failed", "error": error,
+                                 "failed_units": len(failed)})
+        raise failed[0]  # the flow run fails with the first unit's error
+    outcome = t.publish(source, model_url, resolved["files"], the_plan, options, facts)
     model = parse_model_url(model_url)
     publish_model_artifacts(model, model.manifest(), time.time() - started, outcome["status"])
     log.info("%s: %s (%d tensors written)", outcome["status"], model_url, written)

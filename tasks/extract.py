@@ -6,6 +6,7 @@ Prefect's result cache: nothing here is cached, so a wiped store is never counte
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 from prefect import task
@@ -54,11 +55,19 @@ def extract_unit(source_url: str, model_url: str, unit: lib.WorkUnit, options: l
 
 @task(name="publish-manifest", **_POLICY)
 def publish(source_url: str, model_url: str, files: dict, the_plan: lib.ExtractPlan,
-            options: lib.ExtractOptions) -> dict:
-    """Read every record back from the store and write the manifest last."""
+            options: lib.ExtractOptions, facts: dict) -> dict:
+    """Read every record back from the store, write the manifest last, then the run facts."""
     source = _source(source_url)
     model = parse_model_url(model_url)
     records = lib.stored_records(source, model, the_plan.units)
     manifest = lib.build_manifest(model, source, options, files, records)
     status = lib.publish(model, manifest, options.force)
+    lib.write_run(model, facts["run_id"], {**facts, "finished": time.time(), "outcome": status,
+                                           "tensors": len(records)})
     return {"status": status, "manifest": model.key("manifest.json"), "tensors": len(records)}
+
+
+@task(name="record-run", **_POLICY)
+def record_run(model_url: str, facts: dict) -> None:
+    """Run facts of a failed run (times, host, error): runs/<run-id>.json."""
+    lib.write_run(parse_model_url(model_url), facts["run_id"], {**facts, "finished": time.time()})

@@ -7,11 +7,14 @@ only fire after the hung request returned. A timed-out request raises, and the t
 
 from __future__ import annotations
 
+import os
+
 from prefect.tasks import exponential_backoff
 
 from weightsmith.errors import WeightsmithError
 
-RETRIES = 4
+# Operators (and tests) can change the number of tries without touching code.
+RETRIES = int(os.environ.get("WEIGHTSMITH_TASK_RETRIES", "4"))
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)  # 2, 4, 8, 16 s
 RETRY_JITTER = 0.3
 
