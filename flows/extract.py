@@ -31,13 +31,14 @@ def extract_model(
     exclude: list[str] | None = None,
     images: str = "all",
     force: bool = False,
+    unit_bytes: int = 64_000_000,
 ) -> str:
     """Extract every tensor of `source` into the store; returns the model URL."""
     started = time.time()
     log = get_run_logger()
     options = ExtractOptions(store=store or state.default_store(), name=name, revision=revision,
                              include=tuple(include or ()), exclude=tuple(exclude or ()),
-                             images=images, force=force)
+                             images=images, force=force, unit_bytes=unit_bytes)
     the_plan = t.prepare(source, options)
     log.info("%d work units, %d source bytes to read", len(the_plan.units), the_plan.total_bytes)
 

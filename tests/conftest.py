@@ -7,7 +7,9 @@ it sends so tests can prove that only the ranges asked for were fetched.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,15 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from weightsmith.seaweed import S3Server, start_s3_server
+
+# Nothing a test run writes lands outside a temporary folder: the state folder (default store,
+# PREFECT_HOME) of every test that does not pick its own is a fresh one per session.
+_SESSION_HOME = tempfile.mkdtemp(prefix="weightsmith-tests-")
+os.environ["WEIGHTSMITH_HOME"] = _SESSION_HOME
+os.environ["PREFECT_HOME"] = os.path.join(_SESSION_HOME, "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("WEIGHTSMITH_TASK_RETRIES", "1")  # failure tests need not wait for backoff
+os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
 # The fixtures live beside the repository (shared/ next to the clone), not inside it.
 FIXTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -38,6 +49,15 @@ def fixtures_dir() -> Path:
             pytrace=False,
         )
     return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One Prefect test server (temporary SQLite database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 # --- S3 -----------------------------------------------------------------------------------

@@ -33,8 +33,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "httpx", "asyncio"):
+    for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # aiohttp sessions of s3fs are closed by interpreter exit, which asyncio reports as errors.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def user_errors(fn: Callable) -> Callable:

@@ -204,7 +204,7 @@ class Store:
                 "s3",
                 endpoint_url=opts["client_kwargs"].get("endpoint_url"),
                 region_name=opts["client_kwargs"].get("region_name"),
-                config=Config(**opts["config_kwargs"]),
+                config=Config(signature_version="s3v4", **opts["config_kwargs"]),
             )
         return self._s3_client
 

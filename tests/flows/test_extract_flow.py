@@ -1,0 +1,123 @@
+"""The extract-model flow under a real Prefect server (session harness) against real stores."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import boto3
+import pytest
+from prefect.client.orchestration import get_client
+
+from flows.extract import extract_model
+from flows.runners import make_runner
+from weightsmith.extract import ExtractOptions, extract
+from weightsmith.model import parse_model_url
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _upload(s3_server, bucket: str, path: Path, prefix: str) -> str:
+    client = s3_server.client()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    for f in files:
+        client.upload_file(str(f), bucket, f"{prefix}/{f.name}")
+    return f"s3://{bucket}/{prefix}/" + ("" if path.is_dir() else path.name)
+
+
+def _manifest_bytes(model_url: str) -> bytes:
+    model = parse_model_url(model_url)
+    return model.store.read_bytes(model.key("manifest.json"))
+
+
+def _contents(model_url: str) -> list[str]:
+    model = parse_model_url(model_url)
+    return [k[len(model.prefix) :] for k in model.store.list(model.prefix) if "/runs/" not in k]
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fixture", ["safetensors/sharded_minicpm3", "gptq/falcon3_1b_int4.safetensors"])
+def test_flow_writes_what_the_library_writes(s3_server, s3_bucket, fixtures_dir, fixture):
+    source = _upload(s3_server, s3_bucket, fixtures_dir / fixture, "src")
+    state = extract_model(source=source, store=f"s3://{s3_bucket}/flow", unit_bytes=100_000,
+                          return_state=True)
+    assert state.is_completed(), state
+    flow_url = state.result()
+    lib = extract(source, ExtractOptions(store=f"s3://{s3_bucket}/lib"))
+    assert _manifest_bytes(flow_url) == _manifest_bytes(lib.model_url)
+    assert _contents(flow_url) == _contents(lib.model_url)
+
+    # Artifacts of the run: tensor table, summary with presigned preview links, progress.
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    kinds = {a.type for a in artifacts}
+    assert {"table", "markdown", "progress"} <= kinds
+    summary = next(a for a in artifacts if a.type == "markdown").data
+    assert "X-Amz-Signature" in summary and flow_url in summary
+    assert next(a for a in artifacts if a.type == "progress").data == pytest.approx(100.0)
+    secret = s3_server.env()["AWS_SECRET_ACCESS_KEY"]
+    assert all(secret not in json.dumps(a.data) for a in artifacts)
+
+
+def test_failed_unit_then_resume_recomputes_only_missing(tmp_path, fixtures_dir):
+    source = str(fixtures_dir / "safetensors/ollama_minicpm3_4b_model.safetensors")
+    reference = extract(source, ExtractOptions(store=str(tmp_path / "ref")))
+    store = tmp_path / "store"
+    model = parse_model_url(reference.model_url.replace(str(tmp_path / "ref"), str(store)))
+    # Block one tensor's array folder with a plain file: that unit fails, the others finish.
+    victim = "model.layers.0.self_attn.q_a_proj.weight"
+    blocked = Path(model.store.path(model.tensor_key(victim)))
+    blocked.parent.mkdir(parents=True)
+    blocked.write_bytes(b"not a folder")
+
+    state = extract_model(source=source, store=str(store), unit_bytes=20_000, return_state=True)
+    assert state.is_failed()
+    assert not model.is_complete()
+    runs = [json.loads(p.read_text()) for p in Path(model.store.path(model.key("runs"))).glob("*.json")]
+    assert [r["outcome"] for r in runs] == ["failed"]
+    assert runs[0]["written"] == reference.tensors - 1
+
+    blocked.unlink()
+    state = extract_model(source=source, store=str(store), unit_bytes=20_000, return_state=True)
+    assert state.is_completed()
+    assert _manifest_bytes(model.url) == _manifest_bytes(reference.model_url)
+    runs = [json.loads(p.read_text()) for p in Path(model.store.path(model.key("runs"))).glob("*.json")]
+    assert sorted(r.get("written") for r in runs) == [1, reference.tensors - 1]
+
+
+def test_wiped_store_is_never_counted_as_done(tmp_path, fixtures_dir):
+    source = str(fixtures_dir / "safetensors/hf_samples_overall.safetensors")
+    store = tmp_path / "store"
+    first = extract_model(source=source, store=str(store))
+    shutil.rmtree(store)
+    again = extract_model(source=source, store=str(store))
+    assert again == first
+    assert parse_model_url(again).is_complete()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_dask_cluster_of_two_processes_gives_the_same_manifest(s3_server, s3_bucket, fixtures_dir):
+    source = _upload(s3_server, s3_bucket, fixtures_dir / "safetensors/sharded_minicpm3", "src")
+    lib = extract(source, ExtractOptions(store=f"s3://{s3_bucket}/lib"))
+    flow = extract_model.with_options(task_runner=make_runner("dask", workers=2))
+    url = flow(source=source, store=f"s3://{s3_bucket}/dask", unit_bytes=100_000)
+    assert _manifest_bytes(url) == _manifest_bytes(lib.model_url)
+
+
+@pytest.mark.slow
+def test_process_pool_runner_gives_the_same_manifest(tmp_path, fixtures_dir):
+    source = str(fixtures_dir / "safetensors/ollama_minicpm3_4b_model.safetensors")
+    lib = extract(source, ExtractOptions(store=str(tmp_path / "lib")))
+    flow = extract_model.with_options(task_runner=make_runner("processes", workers=2))
+    url = flow(source=source, store=str(tmp_path / "proc"), unit_bytes=100_000)
+    assert _manifest_bytes(url) == _manifest_bytes(lib.model_url)
+
+
+def test_boto3_is_importable_for_artifacts():  # presigned URLs need boto3 on the flow side
+    assert boto3.__version__

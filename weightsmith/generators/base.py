@@ -1,0 +1,329 @@
+"""What every generator shares: examples in, a fitted state, samples out.
+
+A generator learns from *examples* of one tensor, a stack of K checkpoints (K = 1 for one
+model, K >= 2 for a zoo), and draws new values for that tensor:
+
+    gen = get("noise")(device="cpu")                  # registry.get
+    state = gen.fit(examples, {"radius": 0.1})         # -> State, saved by the caller
+    result = gen.sample(state, n=4, spec=SampleSpec(shape), seed=0)   # -> SampleResult
+
+`fit` validates the config and the examples, then calls the generator's `_fit`; `sample`
+checks the state and the request, then calls `_sample`, whose default draws one array at a
+time with `_draw` from a numpy generator seeded by (seed, sample index, chunk offset), so the
+same seed gives the same arrays on the same device, whatever `n` is.
+
+A `State` is numpy arrays plus JSON; `state_to_bytes` / `state_from_bytes` store it as an
+.npz without pickle. `Generator.fingerprint(examples, config)` names the inputs of a fit, so a
+caller can reuse a stored state while they are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from weightsmith.codec import Chunk
+from weightsmith.errors import WeightsmithError
+from weightsmith.stats import RunningStats
+
+STATE_FORMAT = 1  # layout of the bytes written by state_to_bytes
+_META_KEY = "__state__"  # the .npz member holding the JSON part of a State
+
+
+class GeneratorConfig(BaseModel):
+    """Base of every generator's options (none here); frozen, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True)
+class Examples:
+    """K checkpoints of one tensor, stacked: what a generator is fitted on."""
+
+    name: str  # the tensor's name
+    values: np.ndarray  # (K, *shape) float32, C-contiguous; K = 1 for a single model
+
+    def __post_init__(self) -> None:
+        v = np.asarray(self.values)
+        if v.ndim < 1 or v.shape[0] < 1:
+            raise WeightsmithError(self.name, f"examples need shape (K>=1, ...), got {v.shape}")
+        object.__setattr__(self, "values", np.ascontiguousarray(v, dtype=np.float32))
+
+    @classmethod
+    def stack(cls, name: str, tensors: list[np.ndarray]) -> Examples:
+        """Examples from K tensors of the same shape (any real dtypes; read as float32)."""
+        shapes = {tuple(np.shape(t)) for t in tensors}
+        if len(shapes) != 1:
+            raise WeightsmithError(name, f"checkpoints differ in shape: {sorted(shapes)}")
+        return cls(name, np.stack([np.asarray(t, dtype=np.float32) for t in tensors]))
+
+    @property
+    def k(self) -> int:
+        """Number of checkpoints."""
+        return self.values.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one checkpoint's tensor."""
+        return tuple(self.values.shape[1:])
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def flat(self) -> np.ndarray:
+        """(K, numel) view of the values."""
+        return self.values.reshape(self.k, self.numel)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to draw: a tensor of `shape`, or only its chunk (a run of elements in C order)."""
+
+    shape: tuple[int, ...]  # the target tensor's shape
+    chunk: Chunk | None = None  # with a chunk, each sample is the 1-D run of chunk.size values
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        numel = math.prod(self.shape)
+        c = self.chunk
+        if c is not None and not (c.size >= 1 and 0 <= c.offset and c.stop <= numel):
+            raise WeightsmithError(
+                "sample spec", f"chunk {c} is outside the tensor of shape {self.shape}"
+            )
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: `shape`, or `(chunk.size,)` with a chunk."""
+        return self.shape if self.chunk is None else (self.chunk.size,)
+
+    @property
+    def region(self) -> slice:
+        """The sampled elements of the flattened tensor."""
+        return slice(0, self.numel) if self.chunk is None else slice(self.chunk.offset, self.chunk.stop)
+
+
+@dataclass(frozen=True)
+class State:
+    """A fitted generator: numpy arrays plus JSON-able facts; see state_to_bytes."""
+
+    generator: str  # registry name of the generator that fitted it
+    version: int  # that generator's `version` at fit time
+    config: dict  # the validated config (JSON-able)
+    tensor: str  # name of the examples' tensor
+    shape: tuple[int, ...]  # shape of one example
+    checkpoints: int  # K, the number of examples
+    fingerprint: str  # Generator.fingerprint of the fit's inputs
+    arrays: dict[str, np.ndarray]  # learned arrays (numeric dtypes; names without "__state__")
+    info: dict = field(default_factory=dict)  # JSON-able extras (e.g. training losses)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """The samples of one `sample` call and where each was computed."""
+
+    arrays: list[np.ndarray]  # n arrays, float32, each of spec.out_shape
+    devices: list[str]  # device that produced each array ("cpu", "cuda:0", ...)
+    seed: int  # the seed they were drawn with
+
+
+def state_to_bytes(state: State) -> bytes:
+    """The state as .npz bytes (arrays + one JSON member); never pickled."""
+    meta = {
+        "format": STATE_FORMAT,
+        "generator": state.generator,
+        "version": state.version,
+        "config": state.config,
+        "tensor": state.tensor,
+        "shape": list(state.shape),
+        "checkpoints": state.checkpoints,
+        "fingerprint": state.fingerprint,
+        "info": state.info,
+    }
+    for key, a in state.arrays.items():
+        assert key != _META_KEY and np.asarray(a).dtype.kind in "biufc", (key, np.asarray(a).dtype)
+    buf = io.BytesIO()
+    blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    np.savez(buf, **{_META_KEY: blob}, **state.arrays)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes) -> State:
+    """The state written by `state_to_bytes`."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            meta = json.loads(npz[_META_KEY].tobytes())
+            arrays = {k: npz[k] for k in npz.files if k != _META_KEY}
+    except (ValueError, KeyError, OSError) as e:
+        raise WeightsmithError("generator state", f"not a weightsmith generator state ({e})") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise WeightsmithError("generator state", f"unsupported state format {meta.get('format')!r}")
+    return State(
+        generator=meta["generator"],
+        version=meta["version"],
+        config=meta["config"],
+        tensor=meta["tensor"],
+        shape=tuple(meta["shape"]),
+        checkpoints=meta["checkpoints"],
+        fingerprint=meta["fingerprint"],
+        arrays=arrays,
+        info=meta["info"],
+    )
+
+
+def sample_seed(seed: int, index: int, spec: SampleSpec) -> int:
+    """A 64-bit seed for sample `index` of a request: distinct per sample and per chunk.
+
+    Chunks of one tensor drawn with the same seed get independent streams, so spliced chunks
+    never repeat each other. Torch generators use it as `torch.Generator(d).manual_seed(...)`.
+    """
+    offset = 0 if spec.chunk is None else spec.chunk.offset
+    return int(np.random.SeedSequence([seed, index, offset]).generate_state(1, np.uint64)[0])
+
+
+def moments(values: np.ndarray, block: int = 1 << 22) -> tuple[float, float]:
+    """Mean and (population) std of all values, accumulated in float64 one block at a time."""
+    stats = RunningStats()
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, block):
+        stats.update(flat[start : start + block])
+    return stats.mean, math.sqrt(stats.m2 / stats.n) if stats.n else 0.0
+
+
+class Generator(ABC):
+    """A way to draw new values of a tensor from examples of it.
+
+    Subclasses set `name`, `Config`, `min_checkpoints` (2 for zoo methods) and implement
+    `_fit`, and either `_draw` (one sample from a numpy generator) or `_sample` (whole
+    batches, e.g. on a GPU with torch generators seeded by `sample_seed`).
+    """
+
+    name: ClassVar[str]  # registry name
+    Config: ClassVar[type[GeneratorConfig]] = GeneratorConfig  # the options of `fit`
+    min_checkpoints: ClassVar[int] = 1  # fewest examples K that `fit` accepts
+    version: ClassVar[int] = 1  # bump when `_fit` changes, so stored states are not reused
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device  # where sampling (and fitting) runs; numpy baselines ignore it
+
+    def config(self, config: GeneratorConfig | Mapping[str, Any] | None = None) -> GeneratorConfig:
+        """The validated config: defaults for None, a mapping checked against `Config`."""
+        if isinstance(config, self.Config):
+            return config
+        try:
+            return self.Config.model_validate(dict(config or {}))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "config"
+            raise WeightsmithError(f"{self.name} {where}", first["msg"]) from None
+
+    def fingerprint(
+        self, examples: Examples, config: GeneratorConfig | Mapping[str, Any] | None = None
+    ) -> str:
+        """sha256 of the generator (name, version), its config and the examples' name and bytes."""
+        h = hashlib.sha256()
+        head = {
+            "generator": self.name,
+            "version": self.version,
+            "config": self.config(config).model_dump(mode="json"),
+            "tensor": examples.name,
+            "shape": list(examples.values.shape),
+        }
+        h.update(json.dumps(head, sort_keys=True).encode())
+        h.update(examples.values.reshape(-1).view(np.uint8))
+        return h.hexdigest()
+
+    def fit(
+        self, examples: Examples, config: GeneratorConfig | Mapping[str, Any] | None = None
+    ) -> State:
+        """Learn from the examples.
+
+        Args:
+            examples: K checkpoints of one tensor; all values must be finite.
+            config: a `Config`, a mapping of its fields, or None for the defaults.
+
+        Returns:
+            The state that `sample` draws from; the caller stores it under `fingerprint`.
+        """
+        cfg = self.config(config)
+        if examples.k < self.min_checkpoints:
+            raise WeightsmithError(
+                examples.name,
+                f"{self.name} needs at least {self.min_checkpoints} checkpoints, got {examples.k}",
+            )
+        if examples.numel == 0:
+            raise WeightsmithError(examples.name, f"examples of shape {examples.shape} hold no values")
+        if not np.isfinite(examples.values).all():
+            raise WeightsmithError(examples.name, "examples hold NaN or Inf values")
+        arrays, info = self._fit(examples, cfg)
+        return State(
+            generator=self.name,
+            version=self.version,
+            config=cfg.model_dump(mode="json"),
+            tensor=examples.name,
+            shape=examples.shape,
+            checkpoints=examples.k,
+            fingerprint=self.fingerprint(examples, cfg),
+            arrays=arrays,
+            info=info,
+        )
+
+    def sample(self, state: State, n: int, spec: SampleSpec, seed: int) -> SampleResult:
+        """Draw `n` new arrays of `spec.out_shape` (float32, finite).
+
+        The same (state, n, spec, seed) gives the same arrays on the same device; sample i
+        does not depend on n.
+        """
+        if state.generator != self.name or state.version != self.version:
+            raise WeightsmithError(
+                state.tensor,
+                f"state of {state.generator} v{state.version} given to {self.name} v{self.version}",
+            )
+        if n < 1:
+            raise WeightsmithError(self.name, f"number of samples must be at least 1, got {n}")
+        if seed < 0:
+            raise WeightsmithError(self.name, f"seed must be non-negative, got {seed}")
+        result = self._sample(state, n, spec, seed)
+        assert len(result.arrays) == n and all(
+            a.dtype == np.float32 and a.shape == spec.out_shape for a in result.arrays
+        ), self.name
+        return result
+
+    @abstractmethod
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
+        """The learned arrays and JSON-able info."""
+
+    def _sample(self, state: State, n: int, spec: SampleSpec, seed: int) -> SampleResult:
+        config = self.Config.model_validate(state.config)
+        arrays = []
+        for i in range(n):
+            rng = np.random.default_rng(sample_seed(seed, i, spec))
+            arrays.append(np.ascontiguousarray(self._draw(state, config, spec, rng), dtype=np.float32))
+        return SampleResult(arrays=arrays, devices=["cpu"] * n, seed=seed)
+
+    def _draw(
+        self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator
+    ) -> np.ndarray:
+        """One sample of spec.out_shape (used by the default `_sample`)."""
+        raise NotImplementedError(f"{self.name} implements neither _draw nor _sample")
+
+    def _require_shape(self, state: State, spec: SampleSpec) -> None:
+        """For coordinate-wise methods: the target must have the examples' shape."""
+        if tuple(spec.shape) != tuple(state.shape):
+            raise WeightsmithError(
+                state.tensor,
+                f"{self.name} samples the examples' shape {state.shape}, not {spec.shape}",
+            )

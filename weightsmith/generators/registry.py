@@ -1,0 +1,36 @@
+"""The generators by name: one line each, imported only when asked for.
+
+Values are "module:Class" paths, so listing the names (CLI help, config validation) does not
+import torch or diffusers for the diffusion generators.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from weightsmith.errors import WeightsmithError
+from weightsmith.generators.base import Generator
+
+GENERATORS: dict[str, str] = {
+    "gaussian": "weightsmith.generators.gaussian:Gaussian",
+    "permute": "weightsmith.generators.permute:Permute",
+    "noise": "weightsmith.generators.noise:Noise",
+    "coord-gaussian": "weightsmith.generators.coord_gaussian:CoordGaussian",
+    "pca-gaussian": "weightsmith.generators.pca_gaussian:PcaGaussian",
+    "average": "weightsmith.generators.average:Average",
+}
+
+BASELINES = ("gaussian", "permute", "noise")  # in every report
+ZOO_BASELINES = ("coord-gaussian", "pca-gaussian", "average")  # in reports with K >= 2 checkpoints
+
+
+def get(name: str) -> type[Generator]:
+    """The generator class registered as `name`; instantiate it with the device to use."""
+    if name not in GENERATORS:
+        raise WeightsmithError(
+            f"generator {name!r}", f"unknown (choose from {', '.join(GENERATORS)})"
+        )
+    module, cls = GENERATORS[name].split(":")
+    generator = getattr(importlib.import_module(module), cls)
+    assert generator.name == name, (name, generator.name)
+    return generator
