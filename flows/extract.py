@@ -16,6 +16,7 @@ from prefect.futures import as_completed
 from flows.artifacts import publish_model_artifacts
 from flows.runners import make_runner
 from tasks import extract as t
+from tasks.credentials import use_credentials
 from weightsmith import state
 from weightsmith.extract import ExtractOptions, new_run_id, run_facts
 from weightsmith.model import parse_model_url
@@ -32,28 +33,36 @@ def extract_model(
     images: str = "all",
     force: bool = False,
     unit_bytes: int = 64_000_000,
+    credentials: str | None = None,
 ) -> str:
-    """Extract every tensor of `source` into the store; returns the model URL."""
+    """Extract every tensor of `source` into the store; returns the model URL.
+
+    `credentials` names a saved Prefect `AwsCredentials` or `S3Bucket` block ("aws-credentials/
+    lake", "s3-bucket/lake"); without it the standard AWS variables are used. An S3Bucket block
+    also gives the default store (its bucket and folder).
+    """
     started = time.time()
     log = get_run_logger()
-    options = ExtractOptions(store=store or state.default_store(), name=name, revision=revision,
+    bucket_url = use_credentials(credentials)
+    options = ExtractOptions(store=store or bucket_url or state.default_store(), name=name, revision=revision,
                              include=tuple(include or ()), exclude=tuple(exclude or ()),
                              images=images, force=force, unit_bytes=unit_bytes)
-    the_plan = t.prepare(source, options)
+    the_plan = t.prepare(source, options, credentials)
     log.info("%d work units, %d source bytes to read", len(the_plan.units), the_plan.total_bytes)
 
     checksums = None
     if the_plan.checksum_units:
-        futures = t.checksum_unit.map(source, the_plan.checksum_units, options.block_bytes)
+        futures = t.checksum_unit.map(source, the_plan.checksum_units, options.block_bytes, credentials)
         checksums = {k: v for f in futures for k, v in f.result().items()}
-    resolved = t.resolve_model(source, options, checksums)
+    resolved = t.resolve_model(source, options, checksums, credentials)
     model_url = resolved["model_url"]
 
     progress_id = create_progress_artifact(progress=0.0, description=f"extract {model_url}")
     facts = run_facts(new_run_id(), "extract-flow", options, source)
     futures = [
         t.extract_unit.submit(source, model_url, unit, options,
-                              None if checksums is None else {n: checksums[n] for n in unit.raw})
+                              None if checksums is None else {n: checksums[n] for n in unit.raw},
+                              credentials)
         for unit in the_plan.units
     ]
     done_bytes, written, failed = 0, 0, []
@@ -70,9 +79,9 @@ def extract_model(
         # Finished units stay in the store for the next run; no manifest is written.
         error = (str(failed[0]).splitlines() or [type(failed[0]).__name__])[0][:500]
         t.record_run(model_url, {**facts, "outcome": "failed", "error": error,
-                                 "failed_units": len(failed)})
+                                 "failed_units": len(failed)}, credentials)
         raise failed[0]  # the flow run fails with the first unit's error
-    outcome = t.publish(source, model_url, resolved["files"], the_plan, options, facts)
+    outcome = t.publish(source, model_url, resolved["files"], the_plan, options, facts, credentials)
     model = parse_model_url(model_url)
     publish_model_artifacts(model, model.manifest(), time.time() - started, outcome["status"])
     log.info("%s: %s (%d tensors written)", outcome["status"], model_url, written)

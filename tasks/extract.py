@@ -12,6 +12,7 @@ from functools import lru_cache
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.credentials import use_credentials
 from tasks.policy import RETRIES, RETRY_DELAYS, RETRY_JITTER, storage_error
 from weightsmith import extract as lib
 from weightsmith.model import parse_model_url
@@ -28,18 +29,23 @@ def _source(url: str) -> Source:
 
 
 @task(name="prepare-extract", **_POLICY)
-def prepare(source_url: str, options: lib.ExtractOptions) -> lib.ExtractPlan:
+def prepare(source_url: str, options: lib.ExtractOptions, credentials: str | None = None) -> lib.ExtractPlan:
+    use_credentials(credentials)
     return lib.prepare(source_url, options)[1]
 
 
 @task(name="checksum-unit", **_POLICY)
-def checksum_unit(source_url: str, unit: lib.WorkUnit, block_bytes: int) -> dict[str, str]:
+def checksum_unit(source_url: str, unit: lib.WorkUnit, block_bytes: int,
+                  credentials: str | None = None) -> dict[str, str]:
+    use_credentials(credentials)
     return lib.checksum_unit(_source(source_url), unit, block_bytes)
 
 
 @task(name="resolve-model", **_POLICY)
-def resolve_model(source_url: str, options: lib.ExtractOptions, checksums: dict[str, str] | None) -> dict:
+def resolve_model(source_url: str, options: lib.ExtractOptions, checksums: dict[str, str] | None,
+                  credentials: str | None = None) -> dict:
     """Name the model (slug, revision) and copy headers and sidecars into its files/."""
+    use_credentials(credentials)
     source = _source(source_url)
     model = lib.model_ref(source, options, checksums)
     return {"model_url": model.url, "files": lib.write_files(model, source)}
@@ -47,16 +53,18 @@ def resolve_model(source_url: str, options: lib.ExtractOptions, checksums: dict[
 
 @task(name="extract-unit", **_POLICY)
 def extract_unit(source_url: str, model_url: str, unit: lib.WorkUnit, options: lib.ExtractOptions,
-                 expected: dict[str, str] | None) -> int:
+                 expected: dict[str, str] | None, credentials: str | None = None) -> int:
     """Returns the number of tensors written (0 when the unit was already complete)."""
+    use_credentials(credentials)
     result = lib.extract_unit(_source(source_url), parse_model_url(model_url), unit, options, expected)
     return result.written
 
 
 @task(name="publish-manifest", **_POLICY)
 def publish(source_url: str, model_url: str, files: dict, the_plan: lib.ExtractPlan,
-            options: lib.ExtractOptions, facts: dict) -> dict:
+            options: lib.ExtractOptions, facts: dict, credentials: str | None = None) -> dict:
     """Read every record back from the store, write the manifest last, then the run facts."""
+    use_credentials(credentials)
     source = _source(source_url)
     model = parse_model_url(model_url)
     records = lib.stored_records(source, model, the_plan.units)
@@ -68,6 +76,7 @@ def publish(source_url: str, model_url: str, files: dict, the_plan: lib.ExtractP
 
 
 @task(name="record-run", **_POLICY)
-def record_run(model_url: str, facts: dict) -> None:
+def record_run(model_url: str, facts: dict, credentials: str | None = None) -> None:
     """Run facts of a failed run (times, host, error): runs/<run-id>.json."""
+    use_credentials(credentials)
     lib.write_run(parse_model_url(model_url), facts["run_id"], {**facts, "finished": time.time()})

@@ -121,3 +121,47 @@ def test_process_pool_runner_gives_the_same_manifest(tmp_path, fixtures_dir):
 
 def test_boto3_is_importable_for_artifacts():  # presigned URLs need boto3 on the flow side
     assert boto3.__version__
+
+
+@pytest.mark.s3
+def test_credentials_from_a_saved_block_and_no_secret_anywhere(s3_server, s3_bucket, fixtures_dir, monkeypatch):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    source = _upload(s3_server, s3_bucket, fixtures_dir / "gptq/llama_3_2_1b_int4.safetensors", "src")
+    env = s3_server.env()
+    creds = AwsCredentials(
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"], aws_client_parameters=AwsClientParameters(endpoint_url=env["AWS_ENDPOINT_URL_S3"]),
+    )
+    creds.save("lake-keys", overwrite=True)
+    S3Bucket(bucket_name=s3_bucket, bucket_folder="lake", credentials=creds).save("lake", overwrite=True)
+    for name in list(env) + ["AWS_ENDPOINT_URL"]:
+        monkeypatch.delenv(name, raising=False)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+    state = extract_model(source=source, credentials="s3-bucket/lake", return_state=True)
+    assert state.is_completed(), state
+    url = state.result()
+    assert url.startswith(f"s3://{s3_bucket}/lake/models/")
+
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        run = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))[0]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    texts = [m.message for m in logs] + [json.dumps(a.data) for a in artifacts] + [json.dumps(run.parameters)]
+    texts += [json.dumps(t.task_inputs, default=str) for t in tasks]
+    stored = s3_server.client()
+    for obj in stored.list_objects_v2(Bucket=s3_bucket, Prefix="lake/").get("Contents", []):
+        if obj["Key"].endswith(".json"):
+            texts.append(stored.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read().decode())
+    assert logs and artifacts
+    assert not [t for t in texts if secret in t]
