@@ -15,7 +15,8 @@ def home() -> Path:
 
 
 def default_store() -> str:
-    return str(home() / "store")
+    """$WEIGHTSMITH_STORE (e.g. s3://weightsmith/lake on the dev stack), else the local store."""
+    return os.environ.get("WEIGHTSMITH_STORE") or str(home() / "store")
 
 
 def tmp_dir() -> str:
