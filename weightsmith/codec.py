@@ -35,6 +35,7 @@ PERCENTILE = 99.5  # with method "percentile": this percentile of |x - center| m
 MAX_NORMALISED = 1e30
 _BAND_ELEMS = 1 << 22  # normalise this many elements at a time (bounds the float64 temporary)
 FLOAT32_BYTES = 4
+_F32_MAX = float(np.finfo(np.float32).max)
 
 # size units -> bytes: SI (powers of 1000) and IEC (powers of 1024), matched case-insensitively
 _UNITS: dict[str, int] = {
@@ -58,10 +59,10 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Normalizer:
-    """Per-tensor affine normalisation x_norm = (x - center) / scale, exactly invertible."""
+    """Per-tensor affine x_norm = (x - center) / scale; inverts up to float32 rounding."""
 
-    center: float  # the median of the finite values (a float32 value)
-    scale: float  # robust spread of the finite values (a float32 value, > 0)
+    center: float  # the median of the finite values
+    scale: float  # robust spread of the finite values (> 0)
     method: str = "mad"  # how `scale` was chosen: "mad" or "percentile"
 
     def apply(self, x: np.ndarray) -> np.ndarray:
@@ -70,7 +71,13 @@ class Normalizer:
 
     def invert(self, z: np.ndarray) -> np.ndarray:
         """The float32 values whose normalisation is `z`."""
-        return (np.asarray(z, dtype=np.float64) * self.scale + self.center).astype(np.float32)
+        x = np.asarray(z, dtype=np.float64) * self.scale + self.center
+        # rounding can carry a value at float32's limit just past it; keep it finite (Inf
+        # and NaN, which were Inf and NaN before encoding, stay as they are)
+        finite = np.isfinite(x)
+        np.minimum(x, _F32_MAX, out=x, where=finite)
+        np.maximum(x, -_F32_MAX, out=x, where=finite)
+        return x.astype(np.float32)
 
     def to_dict(self) -> dict:
         return {"center": self.center, "scale": self.scale, "method": self.method}
@@ -92,16 +99,18 @@ def fit_normalizer(
         percentile: used by method "percentile".
 
     Returns:
-        The parameters, both float32 values kept as Python floats. A zero spread (a constant
-        or mostly constant tensor) falls back to max|x - median|, then to 1.
+        The parameters as Python floats. A zero spread (a constant or mostly constant
+        tensor) falls back to max|x - median|, then to 1.
     """
     if method not in ("mad", "percentile"):
-        raise WeightsmithError("normalizer", f"unknown method {method!r} (use 'mad' or 'percentile')")
+        raise WeightsmithError(
+            "normalizer", f"unknown method {method!r} (use 'mad' or 'percentile')"
+        )
     v = np.asarray(x, dtype=np.float32).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0:
         return Normalizer(center=0.0, scale=1.0, method=method)
-    center = float(np.float32(np.median(v)))
+    center = float(np.median(v))
     dev = np.abs(v.astype(np.float64) - center)  # float64: no overflow for far-apart values
     if method == "mad":
         scale = MAD_TO_STD * float(np.median(dev))
@@ -111,7 +120,7 @@ def fit_normalizer(
     if scale == 0.0:
         scale = largest
     scale = max(scale, largest / MAX_NORMALISED)
-    scale = float(np.float32(scale)) if scale > 0 else 1.0
+    scale = scale if scale > 0 else 1.0
     return Normalizer(center=center, scale=scale, method=method)
 
 
@@ -206,9 +215,7 @@ class Encoded:
         return self.layout.tile
 
 
-def encode(
-    tensor: np.ndarray, tile: int, method: Literal["mad", "percentile"] = "mad"
-) -> Encoded:
+def encode(tensor: np.ndarray, tile: int, method: Literal["mad", "percentile"] = "mad") -> Encoded:
     """Normalise a tensor and cut its 2-D view into square tiles.
 
     Args:
@@ -226,14 +233,17 @@ def encode(
     x = np.asarray(tensor)
     dtype = str(x.dtype)
     x = x.astype(np.float32, copy=False)
-    layout = TileLayout(shape=tuple(x.shape), dtype=dtype, tile=tile, params=fit_normalizer(x, method))
+    layout = TileLayout(
+        shape=tuple(x.shape), dtype=dtype, tile=tile, params=fit_normalizer(x, method)
+    )
     rows, cols = layout.shape2d
     gr, gc = layout.grid
     view = x.reshape(rows, cols)
     padded = np.zeros((gr * tile, gc * tile), dtype=np.float32)  # padding is the center (0)
     band = max(1, _BAND_ELEMS // max(cols, 1))
     for r0 in range(0, rows, band):
-        padded[r0 : r0 + band, :cols] = layout.params.apply(view[r0 : r0 + band])
+        r1 = min(r0 + band, rows)
+        padded[r0:r1, :cols] = layout.params.apply(view[r0:r1])
     # (gr*t, gc*t) -> (gr, t, gc, t) -> (gr, gc, t, t): tile (i, j) is padded[i*t:, j*t:]
     tiles = padded.reshape(gr, tile, gc, tile).transpose(0, 2, 1, 3).reshape(gr * gc, tile, tile)
     return Encoded(
@@ -272,7 +282,8 @@ def decode(encoded: Encoded | TileLayout, tiles: np.ndarray | None = None) -> np
     out = np.empty((rows, cols), dtype=np.float32)
     band = max(1, _BAND_ELEMS // max(cols, 1))
     for r0 in range(0, rows, band):
-        out[r0 : r0 + band] = layout.params.invert(padded[r0 : r0 + band, :cols])
+        r1 = min(r0 + band, rows)
+        out[r0:r1] = layout.params.invert(padded[r0:r1, :cols])
     return out.reshape(layout.shape)
 
 
@@ -381,7 +392,8 @@ def chunk_region(shape: tuple[int, ...], chunk_bytes: int, offset: int = 0) -> C
         raise WeightsmithError("chunk size", f"{chunk_bytes} bytes is less than one float32 value")
     if not 0 <= offset < numel:
         raise WeightsmithError(
-            "chunk offset", f"{offset} is outside the tensor of shape {tuple(shape)} ({numel} values)"
+            "chunk offset",
+            f"{offset} is outside the tensor of shape {tuple(shape)} ({numel} values)",
         )
     return Chunk(offset=offset, size=min(chunk_bytes // FLOAT32_BYTES, numel - offset))
 

@@ -26,7 +26,9 @@ class Average(Generator):
     Config = AverageConfig
     min_checkpoints = 2
 
-    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(
+        self, examples: Examples, config: GeneratorConfig
+    ) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, AverageConfig)
         if config.k > examples.k:
             raise WeightsmithError(

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import math
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,7 +114,11 @@ class SampleSpec:
     @property
     def region(self) -> slice:
         """The sampled elements of the flattened tensor."""
-        return slice(0, self.numel) if self.chunk is None else slice(self.chunk.offset, self.chunk.stop)
+        return (
+            slice(0, self.numel)
+            if self.chunk is None
+            else slice(self.chunk.offset, self.chunk.stop)
+        )
 
 
 @dataclass(frozen=True)
@@ -153,11 +158,18 @@ def state_to_bytes(state: State) -> bytes:
         "fingerprint": state.fingerprint,
         "info": state.info,
     }
-    for key, a in state.arrays.items():
-        assert key != _META_KEY and np.asarray(a).dtype.kind in "biufc", (key, np.asarray(a).dtype)
-    buf = io.BytesIO()
     blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    np.savez(buf, **{_META_KEY: blob}, **state.arrays)
+    members = {_META_KEY: blob, **{k: np.asarray(a) for k, a in state.arrays.items()}}
+    assert len(members) == len(state.arrays) + 1, "an array may not be called " + _META_KEY
+    buf = io.BytesIO()
+    # what np.savez writes, by hand: any array names, and a fixed timestamp so the same
+    # state always gives the same bytes
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for key, a in members.items():
+            assert a.dtype.kind in "biufc", (key, a.dtype)  # numeric only: loads without pickle
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, a, allow_pickle=False)
     return buf.getvalue()
 
 
@@ -167,10 +179,14 @@ def state_from_bytes(data: bytes) -> State:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             meta = json.loads(npz[_META_KEY].tobytes())
             arrays = {k: npz[k] for k in npz.files if k != _META_KEY}
-    except (ValueError, KeyError, OSError) as e:
-        raise WeightsmithError("generator state", f"not a weightsmith generator state ({e})") from None
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+        raise WeightsmithError(
+            "generator state", f"not a weightsmith generator state ({e})"
+        ) from None
     if meta.get("format") != STATE_FORMAT:
-        raise WeightsmithError("generator state", f"unsupported state format {meta.get('format')!r}")
+        raise WeightsmithError(
+            "generator state", f"unsupported state format {meta.get('format')!r}"
+        )
     return State(
         generator=meta["generator"],
         version=meta["version"],
@@ -265,7 +281,9 @@ class Generator(ABC):
                 f"{self.name} needs at least {self.min_checkpoints} checkpoints, got {examples.k}",
             )
         if examples.numel == 0:
-            raise WeightsmithError(examples.name, f"examples of shape {examples.shape} hold no values")
+            raise WeightsmithError(
+                examples.name, f"examples of shape {examples.shape} hold no values"
+            )
         if not np.isfinite(examples.values).all():
             raise WeightsmithError(examples.name, "examples hold NaN or Inf values")
         arrays, info = self._fit(examples, cfg)
@@ -303,7 +321,9 @@ class Generator(ABC):
         return result
 
     @abstractmethod
-    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(
+        self, examples: Examples, config: GeneratorConfig
+    ) -> tuple[dict[str, np.ndarray], dict]:
         """The learned arrays and JSON-able info."""
 
     def _sample(self, state: State, n: int, spec: SampleSpec, seed: int) -> SampleResult:
@@ -311,7 +331,9 @@ class Generator(ABC):
         arrays = []
         for i in range(n):
             rng = np.random.default_rng(sample_seed(seed, i, spec))
-            arrays.append(np.ascontiguousarray(self._draw(state, config, spec, rng), dtype=np.float32))
+            arrays.append(
+                np.ascontiguousarray(self._draw(state, config, spec, rng), dtype=np.float32)
+            )
         return SampleResult(arrays=arrays, devices=["cpu"] * n, seed=seed)
 
     def _draw(

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from weightsmith.generators.base import Examples, Generator, GeneratorConfig, SampleSpec, State, moments
+from weightsmith.generators.base import (
+    Examples,
+    Generator,
+    GeneratorConfig,
+    SampleSpec,
+    State,
+    moments,
+)
 
 
 class GaussianConfig(GeneratorConfig):
@@ -22,7 +29,9 @@ class Gaussian(Generator):
     name = "gaussian"
     Config = GaussianConfig
 
-    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(
+        self, examples: Examples, config: GeneratorConfig
+    ) -> tuple[dict[str, np.ndarray], dict]:
         mean, std = moments(examples.values)
         return {"mean": np.float64(mean), "std": np.float64(std)}, {}
 

@@ -33,7 +33,9 @@ class Noise(Generator):
     name = "noise"
     Config = NoiseConfig
 
-    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(
+        self, examples: Examples, config: GeneratorConfig
+    ) -> tuple[dict[str, np.ndarray], dict]:
         flat = examples.flat()  # (K, numel)
         stds = np.array([moments(row)[1] for row in flat], dtype=np.float64)  # (K,)
         return {"checkpoints": flat, "stds": stds}, {}

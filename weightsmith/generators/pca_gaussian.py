@@ -33,7 +33,9 @@ class PcaGaussian(Generator):
     Config = PcaGaussianConfig
     min_checkpoints = 2
 
-    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(
+        self, examples: Examples, config: GeneratorConfig
+    ) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, PcaGaussianConfig)
         flat = examples.flat()  # (K, D)
         k, d = flat.shape
@@ -55,8 +57,15 @@ class PcaGaussian(Generator):
             xc = flat[:, c : c + _BLOCK] - mean[c : c + _BLOCK]  # (K, block)
             components[:, c : c + _BLOCK] = (u.T @ xc) / np.sqrt(lam)[:, None]
         variances = lam / (k - 1)
-        info = {"components": int(lam.size), "explained": float(lam.sum() / max(gram.trace(), 1e-300))}
-        return {"mean": mean.astype(np.float32), "components": components, "variances": variances}, info
+        info = {
+            "components": int(lam.size),
+            "explained": float(lam.sum() / max(gram.trace(), 1e-300)),
+        }
+        return {
+            "mean": mean.astype(np.float32),
+            "components": components,
+            "variances": variances,
+        }, info
 
     def _draw(
         self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator

@@ -23,7 +23,9 @@ class Permute(Generator):
     name = "permute"
     Config = PermuteConfig
 
-    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(
+        self, examples: Examples, config: GeneratorConfig
+    ) -> tuple[dict[str, np.ndarray], dict]:
         return {"checkpoints": examples.flat()}, {}  # (K, numel)
 
     def _draw(
