@@ -1,5 +1,6 @@
 """Flows by CLI name (imported lazily by the CLI)."""
 
 from flows.extract import extract_model
+from flows.predict import dispatch_predict
 
-FLOWS = {"extract": extract_model}
+FLOWS = {"extract": extract_model, "predict": dispatch_predict}

@@ -206,6 +206,83 @@ def restore(model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>
 
 @app.command()
 @user_errors
+def predict(
+    model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/<revision>")],
+    layer: Annotated[list[str], typer.Option(help="Glob over tensor names (repeatable).")],
+    generator: Annotated[str, typer.Option(help="tile-diffusion, zoo-diffusion, img2img or a baseline.")],
+    chunk_size: Annotated[str | None, typer.Option(help="Predict one run of this many float32 bytes "
+                                                    "(780KB, 3MB, 12MB) instead of the whole tensor.")] = None,
+    chunk_offset: Annotated[int, typer.Option(help="Element offset of that run.")] = 0,
+    samples: Annotated[int, typer.Option(help="Draws per tensor.")] = 1,
+    seed: Annotated[int, typer.Option(help="Same seed, same device: same values.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (auto: $DEVICE, else CUDA if present).")] = "auto",
+    zoo: Annotated[str | None, typer.Option(help="Fit on zoos/<id>/ checkpoints.")] = None,
+    config: Annotated[str | None, typer.Option(help="Generator options as JSON or a YAML/JSON file.")] = None,
+    model_dir: Annotated[str | None, typer.Option(help="img2img: local diffusers pipeline folder.")] = None,
+    images: Annotated[str, typer.Option(help="all, preview or none.")] = "all",
+    no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Call the library directly.")] = False,
+) -> None:
+    """Fit a generator on the chosen tensors and write predicted tensors; prints the run URL."""
+    from weightsmith.predict import PredictOptions, resolve_device
+    from weightsmith.predict import predict as run_predict
+
+    cfg = _load_config(config)
+    if model_dir:
+        cfg["model_dir"] = model_dir
+    options = _options(PredictOptions, layer=tuple(layer), generator=generator, config=cfg,
+                       chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
+                       device=device, zoo=zoo, images=images)
+    _check_predict_input(model_url, options)
+    resolve_device(options.device)
+    if no_prefect:
+        result = run_predict(model_url, options)
+        err.print(f"{len(result.tensors)} tensors x {samples} samples on {', '.join(sorted(set(result.devices)))}")
+        print(result.run_url)
+        return
+    flow = _flow("predict", "threads", 1, None)
+    result = flow(model_url=model_url, layer=list(layer), generator=generator, config=cfg, chunk_size=chunk_size,
+                  chunk_offset=chunk_offset, samples=samples, seed=seed, device=device, zoo=zoo, images=images)
+    err.print(f"ran on {result['pool']} ({result['reason']}); devices: {', '.join(result['devices'])}")
+    print(result["run_url"])
+
+
+def _load_config(text: str | None) -> dict:
+    """Generator options from inline JSON or a YAML/JSON file."""
+    if not text:
+        return {}
+    import os
+
+    import yaml
+
+    try:
+        if os.path.exists(text):
+            with open(text) as f:
+                value = yaml.safe_load(f)
+        else:
+            value = json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise WeightsmithError("--config", f"not JSON or YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise WeightsmithError("--config", "must be a mapping of option names to values")
+    return value
+
+
+def _check_predict_input(model_url: str, options) -> None:
+    """Fail before a flow starts: the model is complete, the tensors and generator exist."""
+    from weightsmith.codec import parse_size
+    from weightsmith.generators.registry import get
+    from weightsmith.model import parse_model_url
+    from weightsmith.predict import select
+
+    select(parse_model_url(model_url).manifest(), options.layer)
+    gen = get(options.generator)()
+    gen.config(options.config)
+    if options.chunk_size:
+        parse_size(options.chunk_size)
+
+
+@app.command()
+@user_errors
 def demo(store: StoreOpt = None,
          size: Annotated[str, typer.Option(help="tiny (seconds) or small (a GPT-2-shaped model).")] = "small",
          ) -> None:

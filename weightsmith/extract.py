@@ -18,7 +18,6 @@ import hashlib
 import os
 import platform
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,11 +28,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from weightsmith import __version__, dtypes, images
+from weightsmith.artifacts import write_images
 from weightsmith.errors import WeightsmithError
 from weightsmith.model import MANIFEST, MANIFEST_FORMAT, ModelRef, slugify
 from weightsmith.sources import Source, open_source
 from weightsmith.sources.base import GptqGroup, TensorEntry
-from weightsmith.stats import RunningStats
 from weightsmith.store import Store, encode_key
 from weightsmith.store import arrays
 from weightsmith.store.store import dumps
@@ -245,8 +244,8 @@ def _existing(model: ModelRef, key: str, want: dict, options: ExtractOptions) ->
     if record is None or any(record.get(k) != v for k, v in want.items() if v is not None):
         return None
     needed = {"all": ("tiff", "png"), "preview": ("png",), "none": ()}[options.images]
-    if record.get("role") == "gptq-component":
-        needed = ()
+    if record.get("role") == "gptq-component" or 0 in record.get("shape", []):
+        needed = ()  # components and empty tensors have no images
     artifacts = record.get("artifacts", {})
     if any(k not in artifacts or not model.store.exists(artifacts[k]) for k in needed):
         return None
@@ -290,8 +289,9 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
             yield _float_band(entry, stored)
 
     with_images = role == "tensor"
-    stats, artifacts = _write_images(model, entry.name, entry.shape, entry.dtype, bands(),
-                                     options.images if with_images else "none")
+    stats, artifacts = write_images(model.store, model.tiff_key(entry.name), model.png_key(entry.name),
+                                    entry.name, entry.shape, entry.dtype, bands(),
+                                    options.images if with_images else "none")
     sha = h.hexdigest()
     if want_sha is not None and sha != want_sha:
         raise WeightsmithError(source.readers[entry.container].url,
@@ -339,62 +339,6 @@ def _float_band(entry: TensorEntry, stored: np.ndarray) -> np.ndarray:
     return values.reshape(-1, cols) if values.size else values.reshape(0, cols)
 
 
-def _write_images(model: ModelRef, name: str, shape, dtype: str, bands: Iterator[np.ndarray], mode: str):
-    """Consume the float32 bands: statistics always, TIFF/PNG as `mode` asks."""
-    stats = RunningStats()
-    shape2d = images.view_2d(tuple(shape))
-    preview = images.Preview(shape2d) if mode != "none" else None
-
-    def observed() -> Iterator[np.ndarray]:
-        for band in bands:
-            stats.update(band)
-            if preview is not None:
-                preview.add(band)
-            yield band
-
-    artifacts: dict[str, str] = {}
-    if mode == "all":
-        tiff_key = model.tiff_key(name)
-        tmp = _tmp_path(model.store, ".tiff")
-        try:
-            images.write_tiff(tmp, observed(), shape2d, {"name": name, "shape": list(shape), "dtype": dtype})
-            artifacts["tiff_sha256"] = _file_sha256(tmp)
-            model.store.put_file(tmp, tiff_key)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        artifacts["tiff"] = tiff_key
-    else:
-        for _ in observed():
-            pass
-    if preview is not None:
-        png_key = model.png_key(name)
-        png = preview.png_bytes()
-        model.store.write_bytes(png_key, png)
-        artifacts["png"] = png_key
-        artifacts["png_sha256"] = hashlib.sha256(png).hexdigest()
-    return stats.as_dict(), artifacts
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tmp_path(store: Store, suffix: str) -> str:
-    folder = store.local_tmp_dir()
-    if folder is None:
-        from weightsmith.state import tmp_dir
-
-        folder = tmp_dir()
-    fd, path = tempfile.mkstemp(suffix=suffix, dir=folder)
-    os.close(fd)
-    return path
-
-
 def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: ExtractOptions,
                   component_records: list[dict]) -> dict:
     """Dequantise a GPTQ group into `<prefix>.weight` (float32, [out, in]) in output-row bands."""
@@ -430,7 +374,8 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
             h.update(band.tobytes())
             yield band
 
-    stats, artifacts = _write_images(model, group.name, group.shape, "F32", bands(), options.images)
+    stats, artifacts = write_images(model.store, model.tiff_key(group.name), model.png_key(group.name),
+                                    group.name, group.shape, "F32", bands(), options.images)
     record = {**base, "sha256": h.hexdigest(), "stats": stats, "artifacts": {"zarr": key, **artifacts}}
     arrays.finish(array, record)
     return record, True

@@ -1,0 +1,121 @@
+"""`predict-layer` (runs a prediction where it is scheduled) and the GPU/CPU dispatcher.
+
+`predict_layer` is deployed twice: on the `gpu` pool (DEVICE=cuda) and on the `cpu` pool.
+`dispatch_predict` picks where a request runs: the `gpu` pool when it has an online worker,
+else the `cpu` pool when it has one, else in this process; a run left waiting on `gpu` past
+`gpu_timeout` seconds is cancelled and sent to `cpu`. The choice, the reason and the device
+actually used are written as a markdown artifact of the dispatching run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+from tasks import predict as t
+from weightsmith.predict import PredictOptions
+
+DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
+
+
+@flow(name="predict-layer")
+def predict_layer(model_url: str, layer: list[str], generator: str, config: dict | None = None,
+                  chunk_size: str | None = None, chunk_offset: int = 0, samples: int = 1, seed: int = 0,
+                  device: str = "auto", zoo: str | None = None, images: str = "all",
+                  credentials: str | None = None) -> dict:
+    """Fit/sample `generator` on the tensors matching `layer`; returns the prediction run."""
+    options = PredictOptions(layer=tuple(layer), generator=generator, config=config or {},
+                             chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
+                             device=device, zoo=zoo, images=images)
+    result = t.predict(model_url, options, credentials)
+    result["host_device_env"] = os.environ.get("DEVICE", "")
+    get_run_logger().info("prediction %s on %s", result["run_url"], ", ".join(result["devices"]))
+    return result
+
+
+def _online_workers(pool: str) -> int:
+    """Workers of `pool` that Prefect counts as online (0 when the pool does not exist)."""
+    with get_client(sync_client=True) as client:
+        try:
+            workers = client.read_workers_for_work_pool(work_pool_name=pool)
+        except Exception:  # no such pool, or no API server (ephemeral mode has no workers)
+            return 0
+    return sum(1 for w in workers if str(getattr(w, "status", "")).upper().endswith("ONLINE"))
+
+
+def _deployment_exists(name: str) -> bool:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+            return True
+        except Exception:
+            return False
+
+
+def choose_pool() -> tuple[str, str]:
+    """("gpu" | "cpu" | "in-process", reason)."""
+    for pool in ("gpu", "cpu"):
+        if not _deployment_exists(DEPLOYMENTS[pool]):
+            continue
+        online = _online_workers(pool)
+        if online:
+            return pool, f"pool {pool!r} has {online} online worker(s)"
+    return "in-process", "no pool with an online worker and a predict-layer deployment"
+
+
+@flow(name="predict-dispatch")
+def dispatch_predict(model_url: str, layer: list[str], generator: str, config: dict | None = None,
+                     chunk_size: str | None = None, chunk_offset: int = 0, samples: int = 1, seed: int = 0,
+                     device: str = "auto", zoo: str | None = None, images: str = "all",
+                     credentials: str | None = None, gpu_timeout: float = 600.0) -> dict:
+    """Send the prediction to the GPU pool, the CPU pool or run it here; record why."""
+    params = dict(model_url=model_url, layer=layer, generator=generator, config=config or {},
+                  chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
+                  device=device, zoo=zoo, images=images, credentials=credentials)
+    pool, reason = choose_pool()
+    attempts = []
+    result = None
+    if pool == "gpu":
+        result = _run_on("gpu", {**params, "device": "auto"}, gpu_timeout)
+        attempts.append(("gpu", result["state"]))
+        if result["state"] != "COMPLETED":
+            reason += f"; the gpu run ended {result['state']} (timeout {gpu_timeout:.0f} s): re-sent to cpu"
+            pool = "cpu" if _online_workers("cpu") and _deployment_exists(DEPLOYMENTS["cpu"]) else "in-process"
+    if pool == "cpu":
+        result = _run_on("cpu", {**params, "device": "cpu"}, None)
+        attempts.append(("cpu", result["state"]))
+    if pool == "in-process":
+        result = {"state": "COMPLETED", "result": predict_layer(**params), "flow_run_id": None}
+        attempts.append(("in-process", "COMPLETED"))
+    if result["state"] != "COMPLETED":
+        raise RuntimeError(f"prediction run ended {result['state']} on pool {pool}")
+    outcome = result["result"]
+    create_markdown_artifact(
+        key="predict-dispatch",
+        markdown=(f"# predict dispatch\n\n- chosen: **{pool}**\n- reason: {reason}\n"
+                  f"- attempts: {', '.join(f'{p}: {s}' for p, s in attempts)}\n"
+                  f"- device used: {', '.join(outcome['devices'])}\n- run: `{outcome['run_url']}`\n"),
+        description="Where the prediction ran and why",
+    )
+    return {**outcome, "pool": pool, "reason": reason, "attempts": attempts}
+
+
+def _run_on(pool: str, params: dict, timeout: float | None) -> dict:
+    """Run the pool's deployment and wait; cancel it when it has not finished by `timeout`."""
+    run = run_deployment(DEPLOYMENTS[pool], parameters=params, timeout=timeout, as_subflow=True)
+    state = run.state
+    if state is not None and state.is_final():
+        if state.is_completed():
+            return {"state": "COMPLETED", "result": state.result(), "flow_run_id": run.id}
+        return {"state": state.type.value, "result": None, "flow_run_id": run.id}
+    with get_client(sync_client=True) as client:  # still scheduled or running: take it back
+        from prefect.states import Cancelling
+
+        client.set_flow_run_state(run.id, Cancelling(message="dispatch timeout: re-sent to cpu"), force=True)
+        time.sleep(1)
+    return {"state": "TIMED_OUT", "result": None, "flow_run_id": run.id}

@@ -1,0 +1,79 @@
+"""Images of a tensor in the store: statistics, float32 TIFF and PNG preview from row bands.
+
+Shared by extraction (source tensors) and prediction (predicted tensors): both stream float32
+row bands of the tensor's 2-D view through `write_images` once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from weightsmith import images
+from weightsmith.stats import RunningStats
+from weightsmith.store import Store
+
+
+def write_images(store: Store, tiff_key: str, png_key: str, name: str, shape, dtype: str,
+                 bands: Iterable[np.ndarray], mode: str) -> tuple[dict, dict]:
+    """Consume the float32 bands: statistics always, TIFF/PNG as `mode` (all|preview|none) asks.
+
+    Returns (statistics, artifacts): artifact keys with the sha256 of each file written.
+    """
+    stats = RunningStats()
+    shape2d = images.view_2d(tuple(shape))
+    if 0 in shape2d:
+        mode = "none"  # an empty tensor has no image (TIFF and PNG need at least one pixel)
+    preview = images.Preview(shape2d) if mode != "none" else None
+
+    def observed() -> Iterator[np.ndarray]:
+        for band in bands:
+            stats.update(band)
+            if preview is not None:
+                preview.add(band)
+            yield band
+
+    artifacts: dict[str, str] = {}
+    if mode == "all":
+        tmp = _tmp_path(store, ".tiff")
+        try:
+            images.write_tiff(tmp, observed(), shape2d, {"name": name, "shape": list(shape), "dtype": dtype})
+            artifacts["tiff_sha256"] = _file_sha256(tmp)
+            store.put_file(tmp, tiff_key)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        artifacts["tiff"] = tiff_key
+    else:
+        for _ in observed():
+            pass
+    if preview is not None:
+        png = preview.png_bytes()
+        store.write_bytes(png_key, png)
+        artifacts["png"] = png_key
+        artifacts["png_sha256"] = hashlib.sha256(png).hexdigest()
+    return stats.as_dict(), artifacts
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tmp_path(store: Store, suffix: str) -> str:
+    """A temporary file on the store's own file system (a rename publishes it), else in state."""
+    folder = store.local_tmp_dir()
+    if folder is None:
+        from weightsmith.state import tmp_dir
+
+        folder = tmp_dir()
+    fd, path = tempfile.mkstemp(suffix=suffix, dir=folder)
+    os.close(fd)
+    return path

@@ -1,0 +1,195 @@
+"""Predict: fit a generator on tensors of a model (or of a zoo) and write predicted tensors.
+
+For each selected tensor: examples (the model's tensor, K = 1, or the zoo's K checkpoints) ->
+a fitted generator state, reused from `generators/<name>/<fingerprint>/` while its inputs are
+unchanged -> `samples` draws -> `predictions/<run-id>/tensors/<key>.zarr` (samples stacked,
+(n, *shape), float32) with a TIFF and PNG per sample -> `prediction.json`, written last, with
+the generator, its config, the seed, the device of every sample and the training data.
+With a chunk size, each sample is the source tensor with one run of elements replaced.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from weightsmith import __version__
+from weightsmith.artifacts import write_images
+from weightsmith.codec import chunk_region, parse_size, splice
+from weightsmith.errors import WeightsmithError
+from weightsmith.extract import new_run_id
+from weightsmith.generators import Examples, SampleSpec, state_from_bytes, state_to_bytes
+from weightsmith.generators.registry import get as get_generator
+from weightsmith.model import ModelRef, parse_model_url
+from weightsmith.store import arrays, encode_key
+from weightsmith.store.store import dumps
+
+PREDICTION = "prediction.json"
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+class PredictOptions(BaseModel):
+    """What to predict and how; written into prediction.json for provenance."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layer: tuple[str, ...]  # glob patterns over tensor names (at least one)
+    generator: str  # registry name, e.g. "tile-diffusion", "zoo-diffusion", "gaussian"
+    config: dict = Field(default_factory=dict)  # the generator's options
+    chunk_size: str | None = None  # predict one run of this many float32 bytes ("780KB"), spliced
+    chunk_offset: int = Field(0, ge=0)  # element offset of that run in the flattened tensor
+    samples: int = Field(1, ge=1)  # draws per tensor
+    seed: int = Field(0, ge=0)  # same seed, same device -> same values
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: $DEVICE, else CUDA when present
+    zoo: str | None = None  # fit on zoos/<id>/ (K checkpoints) instead of the model alone
+    images: Literal["all", "preview", "none"] = "all"  # TIFF + PNG per sample, PNG, or neither
+    run_id: str | None = None  # default: a new time-stamped id
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    run_url: str
+    run_id: str
+    tensors: list[str]
+    devices: list[str]
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """"auto" -> $DEVICE if set, else "cuda" when torch sees a GPU, else "cpu"."""
+    choice = requested if requested != "auto" else os.environ.get("DEVICE", "auto").lower()
+    if choice not in ("auto", "cpu", "cuda"):
+        raise WeightsmithError("DEVICE", f"unknown device {choice!r} (auto, cpu or cuda)")
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise WeightsmithError("--device", "cuda was asked for but torch sees no CUDA device")
+    return choice
+
+
+def select(manifest: dict, patterns: tuple[str, ...]) -> list[dict]:
+    """Records of the float tensors whose names match any pattern (GPTQ components excluded)."""
+    records = [
+        r for r in manifest["tensors"].values()
+        if r.get("role") != "gptq-component" and (r["dtype"] in _FLOAT_DTYPES or r["encoding"] == "gguf")
+        and any(fnmatch.fnmatchcase(r["name"], p) for p in patterns)
+    ]
+    if not records:
+        raise WeightsmithError(", ".join(patterns), "no float tensor of the model matches")
+    return records
+
+
+def read_values(model: ModelRef, record: dict) -> np.ndarray:
+    """A stored tensor's values as float32, in its shape."""
+    from weightsmith.restore import float_values
+
+    blocks = list(float_values(model, record))
+    flat = np.concatenate([np.asarray(b, dtype=np.float32).ravel() for b in blocks]) if blocks else np.zeros(0, np.float32)
+    return flat.reshape(record["shape"])
+
+
+def predict(model_url: str, options: PredictOptions, progress=None) -> PredictionResult:
+    """Fit (or reuse) the generator per tensor, sample, and write the prediction run."""
+    model = parse_model_url(model_url)
+    manifest = model.manifest()
+    records = select(manifest, options.layer)
+    device = resolve_device(options.device)
+    gen = get_generator(options.generator)(device=device)
+    run_id = options.run_id or new_run_id()
+    prefix = model.key("predictions", run_id)
+    if model.store.exists(f"{prefix}/{PREDICTION}"):
+        raise WeightsmithError(model.store.url_of(prefix), "this prediction run is already complete")
+    started = time.time()
+    entries, devices = {}, []
+    for record in records:
+        name = record["name"]
+        examples = _examples(model, record, options.zoo)
+        state, state_key, reused = _fit_or_reuse(model, gen, examples, options.config)
+        chunk = None
+        if options.chunk_size is not None:
+            chunk = chunk_region(tuple(record["shape"]), parse_size(options.chunk_size), options.chunk_offset)
+        result = gen.sample(state, options.samples, SampleSpec(tuple(record["shape"]), chunk), options.seed)
+        if any(d.startswith("cuda") and "cpu" in d for d in result.devices):
+            warnings.warn(f"{name}: CUDA ran out of memory; some samples were computed on CPU", stacklevel=2)
+        base = examples.values[0] if chunk is not None else None
+        samples = [splice(base, a, chunk.offset) if chunk is not None else a for a in result.arrays]
+        entries[name] = _write_samples(model, prefix, record, samples, options.images)
+        entries[name].update({
+            "generator_state": state_key, "fingerprint": state.fingerprint, "reused_state": reused,
+            "devices": result.devices, "chunk": None if chunk is None else chunk.to_dict(),
+            "training": {"zoo": options.zoo, "checkpoints": examples.k},
+        })
+        devices += result.devices
+        if progress:
+            progress(1, name)
+    model.store.write_json(f"{prefix}/{PREDICTION}", {
+        "format": "weightsmith-prediction/1",
+        "tool": {"name": "weightsmith", "version": __version__},
+        "model": {"slug": model.slug, "revision": model.revision},
+        "run_id": run_id,
+        "generator": gen.name,
+        "config": gen.config(options.config).model_dump(mode="json"),
+        "options": options.model_dump(mode="json"),
+        "device": {"requested": options.device, "resolved": device},
+        "seed": options.seed,
+        "samples": options.samples,
+        "started": started,
+        "finished": time.time(),
+        "tensors": entries,
+    })
+    return PredictionResult(model.store.url_of(prefix), run_id, list(entries), devices)
+
+
+def _examples(model: ModelRef, record: dict, zoo: str | None) -> Examples:
+    if zoo is None:
+        return Examples(record["name"], read_values(model, record)[None])
+    from weightsmith.zoo import read_zoo_tensor
+
+    return Examples(record["name"], read_zoo_tensor(model.store, zoo, record["name"]))
+
+
+def _fit_or_reuse(model: ModelRef, gen, examples: Examples, config: dict):
+    """The stored state for these inputs, else a new fit saved next to its config."""
+    fp = gen.fingerprint(examples, config)
+    key = model.key("generators", gen.name, fp, "state.npz")
+    try:
+        return state_from_bytes(model.store.read_bytes(key)), key, True
+    except FileNotFoundError:
+        pass
+    state = gen.fit(examples, config)
+    model.store.write_bytes(key, state_to_bytes(state))
+    model.store.write_json(model.key("generators", gen.name, fp, "config.json"),
+                           {"generator": gen.name, "config": gen.config(config).model_dump(mode="json"),
+                            "tensor": examples.name, "checkpoints": examples.k, "info": state.info})
+    return state, key, False
+
+
+def _write_samples(model: ModelRef, prefix: str, record: dict, samples: list[np.ndarray], mode: str) -> dict:
+    """(n, *shape) float32 Zarr plus images of each sample; returns the tensor's entry."""
+    key = encode_key(record["name"])
+    shape = tuple(record["shape"])
+    zkey = f"{prefix}/tensors/{key}.zarr"
+    array = arrays.create(model.store, zkey, (len(samples), *shape), np.dtype("<f4"),
+                          {"dtype": "F32", "shape": [len(samples), *shape], "encoding": "raw",
+                           "base_dtype": record["dtype"]})
+    per_sample = []
+    for i, values in enumerate(samples):
+        values = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+        array[i] = values
+        cols = (shape[-1] if len(shape) == 1 else int(np.prod(shape[1:]))) if shape else 1
+        stats, arts = write_images(model.store, f"{prefix}/images/{key}.{i}.tiff", f"{prefix}/previews/{key}.{i}.png",
+                                   record["name"], shape, "F32", [values.reshape(-1, cols)], mode)
+        per_sample.append({"sha256": hashlib.sha256(values.tobytes()).hexdigest(), "stats": stats, "artifacts": arts})
+    entry = {"name": record["name"], "shape": list(shape), "base_dtype": record["dtype"], "zarr": zkey,
+             "samples": per_sample}
+    arrays.finish(array, {k: v for k, v in entry.items() if k != "samples"})
+    return entry
