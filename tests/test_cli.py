@@ -299,12 +299,6 @@ def test_demo_unknown_size_is_one_line(home: Path) -> None:
 MARKUP_NAMES = {"w[/x]": np.ones((2, 3), np.float32), "a[bold]b": np.zeros(3, np.float32)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: cli.inspect puts tensor names into a rich Table "
-    "as markup: '[bold]' vanishes and '[/x]' raises MarkupError (traceback)",
-)
 def test_inspect_table_shows_names_verbatim(home: Path, tmp_path: Path) -> None:
     path = tmp_path / "markup.safetensors"
     save_file(MARKUP_NAMES, str(path))
@@ -314,12 +308,6 @@ def test_inspect_table_shows_names_verbatim(home: Path, tmp_path: Path) -> None:
         assert name in run.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: cli.verify prints problems with err.print(f'[red]bad:"
-    "[/red] {p}'): a tensor name with '[/x]' raises MarkupError (traceback)",
-)
 def test_verify_names_a_markup_like_tensor(home: Path, tmp_path: Path) -> None:
     path = tmp_path / "markup" / "model.safetensors"
     path.parent.mkdir()

@@ -290,13 +290,6 @@ def test_verify_notices_a_lost_chunk(tmp_path: Path) -> None:
     assert not (tmp_path / "out.safetensors").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BUG: restore lets the codec's "
-    "RuntimeError ('error during blosc decompression') escape for an undecodable "
-    "chunk instead of a one-line WeightsmithError naming the tensor",
-)
 def test_restore_of_a_corrupt_chunk_is_a_user_error(tmp_path: Path) -> None:
     result = extract(
         str(random_model(tmp_path / "m" / "model.safetensors")),
@@ -378,13 +371,6 @@ def test_changed_manifest_needs_force(fixtures_dir: Path, tmp_path: Path) -> Non
     assert model_of(replaced).manifest()["selection"]["images"] == "preview"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: with a known revision (--revision or a Hugging Face "
-    "cache commit) no checksums are computed and _extract_raw never skips a "
-    "finished tensor, so a re-run rewrites everything",
-)
 def test_second_run_with_known_revision_writes_nothing(fixtures_dir: Path, tmp_path: Path) -> None:
     options = ExtractOptions(store=str(tmp_path / "store"), revision="abc")
     first = extract(str(fixtures_dir / MINICPM), options)
@@ -626,12 +612,6 @@ def test_hugging_face_cache_path_gives_id_and_commit(fixtures_dir: Path, tmp_pat
     assert (folder.slug, folder.revision) == ("org--name", COMMIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a relative path without a folder part gives root '.' "
-    "and the slug '%2E' instead of the parent folder's name",
-)
 @pytest.mark.parametrize("arg", ["model.safetensors", "./model.safetensors", "."])
 def test_relative_path_slug_is_the_folder_name(
     fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arg: str

@@ -190,13 +190,6 @@ def test_missing_url_is_a_one_line_error(http_server: RangeHTTPServer) -> None:
     assert "\n" not in str(excinfo.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a URL with a query string (e.g. a presigned URL) does "
-    "not end in .safetensors, so open_source probes it with fs.isfile, a GET "
-    "without Range that downloads the whole file",
-)
 def test_url_with_query_reads_only_the_header(
     http_server: RangeHTTPServer, served: tuple[Path, str]
 ) -> None:
@@ -205,12 +198,6 @@ def test_url_with_query_reads_only_the_header(
     assert http_server.bytes_sent["org/model.safetensors"] == header_size(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the container name keeps the URL's query string, so "
-    "a token in the URL is written into manifest.json (files keys, container names)",
-)
 def test_url_query_is_not_written_to_the_store(
     http_server: RangeHTTPServer, served: tuple[Path, str], tmp_path: Path
 ) -> None:

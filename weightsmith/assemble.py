@@ -40,7 +40,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.extract import new_run_id
 from weightsmith.model import ModelRef, parse_model_url
 from weightsmith.predict import PREDICTION
-from weightsmith.restore import READ_BYTES, _stored_blocks, float_values
+from weightsmith.restore import READ_BYTES, stored_blocks, float_values
 from weightsmith.sources.source import INDEX_NAME, SIDECARS
 from weightsmith.store import arrays
 from weightsmith.store.store import dumps
@@ -231,7 +231,7 @@ def _sample_blocks(model: ModelRef, key: str, sample: int) -> Iterator[np.ndarra
 def _base_bytes(model: ModelRef, record: dict, dtype: str) -> Iterator[bytes]:
     if record["encoding"] == "raw" and dtype == record["dtype"]:
         h = hashlib.sha256()  # the bytes as stored: untouched tensors stay byte-identical
-        for block in _stored_blocks(model, record):
+        for block in stored_blocks(model, record):
             data = block.tobytes()
             h.update(data)
             yield data

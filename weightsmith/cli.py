@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -81,11 +82,11 @@ def inspect(source: Annotated[str, typer.Argument(help="File, folder or URL of t
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title=source, show_lines=False)
+    table = Table(title=escape(source), show_lines=False)
     for col in ("name", "dtype", "shape", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
     for r in rows:
-        table.add_row(r["name"], r["dtype"], str(tuple(r["shape"])), f"{r['bytes']:,}")
+        table.add_row(escape(r["name"]), r["dtype"], str(tuple(r["shape"])), f"{r['bytes']:,}")
     out.print(table)
     out.print(f"{len(rows)} tensors, {sum(r['bytes'] for r in rows):,} bytes")
 
@@ -184,7 +185,7 @@ def verify(model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/
                                    "ok": report.ok, "problems": report.problems}))
     else:
         for p in report.problems:
-            err.print(f"[red]bad:[/red] {p}", highlight=False)
+            err.print(f"[red]bad:[/red] {escape(p)}", highlight=False)
         print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} artifacts checked, "
               f"{len(report.problems)} problems")
     if not report.ok:

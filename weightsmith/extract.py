@@ -146,14 +146,14 @@ def _source_bytes(source: Source, name: str) -> int:
 # 3. identify
 def checksum_unit(source: Source, unit: WorkUnit, block_bytes: int) -> dict[str, str]:
     """sha256 of the source bytes of every raw tensor in the unit."""
-    out = {}
-    for raw in unit.raw:
-        entry = source.tensors[raw]
-        h = hashlib.sha256()
-        for start in range(entry.start, entry.end, block_bytes):
-            h.update(source.read(entry.container, start, min(entry.end, start + block_bytes)))
-        out[raw] = h.hexdigest()
-    return out
+    return {raw: _source_sha256(source, source.tensors[raw], block_bytes) for raw in unit.raw}
+
+
+def _source_sha256(source: Source, entry: TensorEntry, block_bytes: int) -> str:
+    h = hashlib.sha256()
+    for start in range(entry.start, entry.end, block_bytes):
+        h.update(source.read(entry.container, start, min(entry.end, start + block_bytes)))
+    return h.hexdigest()
 
 
 def model_ref(source: Source, options: ExtractOptions, checksums: dict[str, str] | None) -> ModelRef:
@@ -266,10 +266,13 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
     }
     want_sha = (expected or {}).get(entry.name)
     done = _existing(model, key, {**base, "sha256": want_sha}, options)
-    if done is not None and want_sha is not None:
-        if progress:
-            progress(entry.nbytes, entry.name)
-        return done, False
+    if done is not None:
+        if want_sha is None:  # revision given, no checksum pass: hash the source range now
+            want_sha = _source_sha256(source, entry, options.block_bytes)
+        if done["sha256"] == want_sha:
+            if progress:
+                progress(entry.nbytes, entry.name)
+            return done, False
 
     storage_shape, storage_dtype = _storage_layout(entry)
     attrs = {"dtype": entry.dtype, "shape": list(entry.shape), "encoding": entry.encoding}

@@ -95,7 +95,7 @@ def _container_bytes(model: ModelRef, manifest: dict, container: dict) -> Iterat
                 raise WeightsmithError(model.url, f"manifest has no record of tensor {tensor!r}")
             h = hashlib.sha256()
             n = 0
-            for block in _stored_blocks(model, record):
+            for block in stored_blocks(model, record):
                 data = block.tobytes()
                 h.update(data)
                 n += len(data)
@@ -105,16 +105,26 @@ def _container_bytes(model: ModelRef, manifest: dict, container: dict) -> Iterat
         pos = end
 
 
-def _stored_blocks(model: ModelRef, record: dict) -> Iterator[np.ndarray]:
-    """The stored array of a record in row blocks, as stored (bits for BF16/F8)."""
-    array = arrays.open_array(model.store, record["artifacts"]["zarr"])
-    if array.ndim == 0:
-        yield np.ascontiguousarray(array[()])
-        return
-    row = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
-    step = max(array.chunks[0], READ_BYTES // row // array.chunks[0] * array.chunks[0])
-    for r0 in range(0, array.shape[0], step):
-        yield np.ascontiguousarray(array[r0 : r0 + step])
+def stored_blocks(model: ModelRef, record: dict) -> Iterator[np.ndarray]:
+    """The stored array of a record in row blocks, as stored (bits for BF16/F8).
+
+    A missing or undecodable chunk is a one-line error naming the tensor and its array.
+    """
+    key = record["artifacts"]["zarr"]
+    try:
+        array = arrays.open_array(model.store, key)
+        if array.ndim == 0:
+            yield np.ascontiguousarray(array[()])
+            return
+        row = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
+        step = max(array.chunks[0], READ_BYTES // row // array.chunks[0] * array.chunks[0])
+        for r0 in range(0, array.shape[0], step):
+            yield np.ascontiguousarray(array[r0 : r0 + step])
+    except WeightsmithError:
+        raise
+    except Exception as e:  # zarr/codec errors: corrupt or missing data in the store
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsmithError(model.url, f"tensor {record['name']!r}: cannot read {key} ({reason})") from None
 
 
 def logical_records(manifest: dict) -> list[dict]:
@@ -130,10 +140,10 @@ def float_values(model: ModelRef, record: dict) -> Iterator[np.ndarray]:
 
         entry = TensorEntry(record["name"], record["dtype"], tuple(record["shape"]), 0, 0, 0, "gguf",
                             int(np.asarray(arrays.open_array(model.store, record["artifacts"]["zarr"]).shape)[-1]))
-        for block in _stored_blocks(model, record):
+        for block in stored_blocks(model, record):
             yield dequantize(entry, block)
         return
-    for block in _stored_blocks(model, record):
+    for block in stored_blocks(model, record):
         values = dtypes.from_storage(block, record["dtype"])
         yield values.astype(np.float32) if values.dtype.kind == "f" or record["dtype"].startswith(("BF", "F8")) else values
 

@@ -6,6 +6,7 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.ranged import RangedReader, fs_for, join_url, open_reader, split_url
@@ -69,8 +70,10 @@ def open_source(url: str, *, with_sidecars: bool = True) -> Source:
     """
     url = str(url)
     protocol, path = split_url(url)
+    if protocol == "file":
+        url = path  # absolute: the same file gives the same slug and manifest from any cwd
     fs, _ = fs_for(url)
-    lower = path.lower()
+    lower = urlsplit(path).path.lower() if protocol in ("http", "https") else path.lower()
     if lower.endswith(".json"):
         return _open_sharded(url, fs, with_sidecars)
     if lower.endswith((".safetensors", ".gguf")) or _is_file(fs, path, url):
@@ -89,7 +92,8 @@ def open_source(url: str, *, with_sidecars: bool = True) -> Source:
 
 def _is_file(fs, path: str, url: str) -> bool:
     try:
-        return fs.isfile(path)
+        # info() is a HEAD on http(s): it never downloads the body to answer the question
+        return fs.info(path).get("type") == "file"
     except (OSError, ValueError):
         return False
 
@@ -109,9 +113,10 @@ def _weights_in(fs, path: str, protocol: str) -> list[str]:
 
 
 def _format_of(reader: RangedReader) -> str:
-    if reader.url.lower().endswith(".gguf"):
+    path = urlsplit(reader.url).path.lower() if "://" in reader.url else reader.url.lower()
+    if path.endswith(".gguf"):
         return "gguf"
-    if reader.url.lower().endswith(".safetensors"):
+    if path.endswith(".safetensors"):
         return "safetensors"
     return "gguf" if reader.size >= 4 and reader.read(0, 4) == b"GGUF" else "safetensors"
 
@@ -119,9 +124,16 @@ def _format_of(reader: RangedReader) -> str:
 def _open_single(url: str, with_sidecars: bool) -> Source:
     reader = open_reader(url)
     fmt = _format_of(reader)
-    name = posixpath.basename(split_url(url)[1])
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        # The name and the folder come from the path: a query (a presigned URL's token) is
+        # neither a file name nor something to store in a manifest.
+        name = posixpath.basename(parts.path)
+        root = urlunsplit((parts.scheme, parts.netloc, posixpath.dirname(parts.path), "", ""))
+    else:
+        name = posixpath.basename(split_url(url)[1])
+        root = url[: -len(name)].rstrip("/") or "/"
     container, entries = parser_for(fmt)(reader, 0, name)
-    root = url[: -len(name)].rstrip("/") or "."
     return _finish(
         Source(url=url, kind=fmt, root=root, containers=[container], readers=[reader],
                tensors={e.name: e for e in entries}),
