@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for pool, kind in POOLS.items():
         prefect("work-pool", "create", pool, "--type", kind, "--overwrite")
+    if args.only == []:
+        parser.error("--only needs at least one FLOW/DEPLOYMENT name")
     names = args.only if args.only else ["--all"]
     selection = [x for n in names for x in (("-n", n) if n != "--all" else ("--all",))]
     prefect("deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml"), *selection)

@@ -293,6 +293,15 @@ def demo(store: StoreOpt = None,
     run_demo(store or state.default_store(), size=size, console=err)
 
 
+def _register_subcommands() -> None:
+    from weightsmith.cli_dev import dev_app
+
+    app.add_typer(dev_app, name="dev", help="Local stack without Docker: SeaweedFS, Prefect server, workers.")
+
+
+_register_subcommands()
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

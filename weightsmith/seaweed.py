@@ -462,10 +462,31 @@ def _reap(pid: int) -> None:
 
 
 def _group_alive(pid: int) -> bool:
+    """True while a member of the process group runs. Zombies do not count: in containers whose
+    PID 1 reaps no orphans, a stopped server started by an earlier process stays a zombie."""
     try:
         os.killpg(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    import psutil
+
+    members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pid]
+    return any(_status(p) != psutil.STATUS_ZOMBIE for p in members) if members else False
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _status(process) -> str:
+    import psutil
+
+    try:
+        return process.status()
+    except psutil.Error:
+        return psutil.STATUS_ZOMBIE
