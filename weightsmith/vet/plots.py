@@ -1,0 +1,188 @@
+"""The report's charts as PNG bytes (matplotlib's Agg renderer, no pyplot state).
+
+Rendering is deterministic: matplotlib's default style whatever the user's rcParams, fixed
+sizes and dpi, colours by order of appearance, and no "Software" or date in the PNG
+metadata, so the same report gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from weightsmith.vet.report import Histogram, Report
+
+_DPI = 100
+_PALETTE = (
+    "tab:red",
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:gray",
+)
+_ORIGINAL = "black"
+_RC = {"svg.hashsalt": "weightsmith", "font.size": 9, "figure.dpi": _DPI}
+
+
+def render(report: Report) -> dict[str, bytes]:
+    """Every chart of the report by report-relative path (the names in `report.plot_files`)."""
+    colours = _label_colours(report)
+    images = [metric_png(report), frontier_png(report)]
+    images += [histogram_png(h, colours) for h in report.histograms]
+    return dict(zip(report.plot_files, images, strict=True))
+
+
+def _styled(draw):
+    """Run `draw` under matplotlib's default style plus _RC, whatever the user's rcParams."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context():
+            matplotlib.rcdefaults()
+            matplotlib.rcParams.update(_RC)
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
+@_styled
+def metric_png(report: Report) -> bytes:
+    """The primary metric of every entry: bars from the original's value, coloured by label.
+
+    Entries whose value is not finite get a red cross at the original's value.
+    """
+    entries = report.entries
+    fig = _figure(7.0, 1.2 + 0.22 * len(entries))
+    ax = fig.add_subplot()
+    colours = _label_colours(report)
+    values = np.array([e.metric(report.primary) for e in entries])  # (entries,)
+    finite = np.isfinite(values)
+    reference = float(values[0]) if finite[0] else 0.0  # the original's value
+    y = np.arange(len(entries))
+    ax.barh(
+        y[finite],
+        values[finite] - reference,
+        left=reference,
+        color=[colours[e.label] for e, ok in zip(entries, finite, strict=True) if ok],
+    )
+    if not finite.all():
+        ax.scatter(np.full(int((~finite).sum()), reference), y[~finite], marker="x", color="red")
+    ax.axvline(reference, color=_ORIGINAL, linewidth=1)
+    ax.set_yticks(y, [e.id for e in entries], fontsize=7)
+    ax.invert_yaxis()  # the original on top
+    ax.set_xlabel(f"{report.primary} ({report.better} is better)")
+    ax.set_title(f"{report.primary.split('/', 1)[1]} of every entry, from the original's value")
+    return _png(fig)
+
+
+@_styled
+def frontier_png(report: Report) -> bytes:
+    """Quality against novelty for every sample, with the baselines' frontier as a staircase."""
+    fig = _figure(7.0, 5.0)
+    ax = fig.add_subplot()
+    colours = _label_colours(report)
+    shown = [p for p in report.points if math.isfinite(p.novelty) and math.isfinite(p.quality)]
+    for label in dict.fromkeys(p.label for p in shown):
+        group = [p for p in shown if p.label == label]
+        marker, size = {"original": ("X", 80), "candidate": ("*", 140)}.get(
+            group[0].kind, ("o", 30)
+        )
+        ax.scatter(
+            [p.novelty for p in group],
+            [p.quality for p in group],
+            s=size,
+            marker=marker,
+            color=colours[label],
+            label=label,
+            zorder=3,
+        )
+    # the frontier: at novelty x, the best quality of the baseline samples at least as novel
+    on = sorted((p for p in shown if p.frontier == "on"), key=lambda p: (p.novelty, p.id))
+    if on:
+        xs = [0.0] + [p.novelty for p in on]
+        ys = [on[0].quality] + [p.quality for p in on]
+        ax.step(
+            xs,
+            ys,
+            where="pre",
+            color="0.4",
+            linestyle="--",
+            linewidth=1,
+            label="baselines' frontier",
+            zorder=2,
+        )
+    positive = [p.novelty for p in shown if p.novelty > 0]
+    ax.set_xscale("symlog", linthresh=min(positive) if positive else 0.01)
+    if report.better == "lower":
+        ax.invert_yaxis()  # better is up
+    ax.set_xlabel("novelty (RMS distance to the nearest training example, in stds)")
+    ax.set_ylabel(f"{report.primary.split('/', 1)[1]} ({report.better} is better; better is up)")
+    ax.set_title("quality against novelty")
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+@_styled
+def histogram_png(hist: Histogram, colours: Mapping[str, str] | None = None) -> bytes:
+    """Value densities of one tensor: the original, a candidate and the baselines, same bins.
+
+    `colours` maps labels (an entry id without "#<sample>") to colours; others get the palette.
+    """
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    edges = np.asarray(hist.edges)
+    widths = np.diff(edges)  # (bins,)
+    for i, (entry, counts) in enumerate(hist.counts.items()):
+        c = np.asarray(counts, dtype=np.float64)
+        density = c / (c.sum() * widths) if c.sum() else c
+        original = entry == "original"
+        colour = _ORIGINAL if original else (colours or {}).get(entry.rsplit("#", 1)[0], _colour(i))
+        ax.stairs(
+            density,
+            edges,
+            label=entry,
+            color=colour,
+            linewidth=2.0 if original else 1.2,
+            zorder=3 if original else 2,
+        )
+    ax.set_xlabel("value")
+    ax.set_ylabel("density")
+    ax.set_title(hist.tensor)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _label_colours(report: Report) -> dict[str, str]:
+    labels = [g.label for g in report.groups if g.kind != "original"]
+    return {"original": _ORIGINAL} | {label: _colour(i) for i, label in enumerate(labels)}
+
+
+def _colour(i: int) -> str:
+    return _PALETTE[i % len(_PALETTE)]
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    return buf.getvalue()

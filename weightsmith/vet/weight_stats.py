@@ -1,0 +1,181 @@
+"""Evaluator `weight-stats`: how each replaced tensor compares with the original and the data.
+
+Per replaced tensor, with c the entry's values, o the original's and x_1..x_K the generator's
+training examples of that tensor (the original alone when there is no zoo):
+
+- rel_l2 = ||c - o|| / ||o||, and cosine = <c, o> / (||c|| ||o||) (flattened, float64);
+- spectral_norm = the largest singular value of the 2-D view (rows = first axis, columns =
+  the rest; a vector is one row), exact up to `exact_svd_max_numel` values, else estimated
+  from below by `power_iterations` steps of power iteration from a fixed start;
+- novelty = min_k ||c - x_k|| / (s sqrt(n)): the RMS distance to the nearest training
+  example in units of s, the std of all K examples' values pooled (n values per tensor).
+  The `noise` baseline at radius r lies at novelty ~ r from a single example;
+- typical_distance = the median over pairs j < k of ||x_j - x_k|| / (s sqrt(n)): how far
+  apart the training examples themselves are (NaN for K = 1, and NaN novelty where s = 0).
+
+The entry-level numbers are the means over the replaced tensors (of the finite values).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import Field
+
+from weightsmith.errors import WeightsmithError
+from weightsmith.stats import RunningStats
+from weightsmith.vet.registry import (
+    Context,
+    Entry,
+    Evaluator,
+    EvaluatorConfig,
+    Scores,
+    finite_mean,
+)
+
+_BLOCK = 1 << 22  # values read per block across all K examples
+
+
+class WeightStatsConfig(EvaluatorConfig):
+    """How the spectral norm is computed."""
+
+    exact_svd_max_numel: int = Field(1 << 22, ge=1)  # larger 2-D views use power iteration
+    power_iterations: int = Field(100, ge=1)  # steps of power iteration for large views
+
+
+class WeightStats(Evaluator):
+    """Distances to the original and to the training examples, and spectral norms."""
+
+    name = "weight-stats"
+    Config = WeightStatsConfig
+    metrics = {
+        "rel_l2": "lower",
+        "cosine": "higher",
+        "spectral_norm": None,
+        "novelty": None,
+        "typical_distance": None,
+    }
+    primary = "rel_l2"
+
+    @classmethod
+    def applies(cls, config: dict) -> bool:
+        return True  # any model with replaced tensors
+
+    def evaluate(self, entry: Entry, context: Context) -> Scores:
+        cache = self.cached(context)
+        per_tensor = {}
+        for name in context.tensors:
+            if ("original", name) not in cache:
+                cache["original", name] = context.original.tensor(name)
+            original = cache["original", name]
+            values = original if entry is context.original else entry.tensor(name)
+            if values.shape != original.shape:
+                raise WeightsmithError(
+                    entry.id, f"{name} has shape {values.shape}, the original {original.shape}"
+                )
+            if entry.examples is None and context.examples is None:
+                examples = original[None]  # (1, *shape): the original alone, already read
+            else:
+                examples = context.examples_for(entry, name)
+            key = ("examples", id(entry.examples) if entry.examples is not None else None, name)
+            if key not in cache:
+                cache[key] = _example_stats(examples)
+            std, typical = cache[key]
+            per_tensor[name] = {
+                **_compare(values, original),
+                "spectral_norm": self._spectral_norm(values),
+                "novelty": _novelty(values, examples, std),
+                "typical_distance": typical,
+            }
+        metrics = {m: finite_mean([t[m] for t in per_tensor.values()]) for m in self.metrics}
+        return Scores(metrics=metrics, per_tensor=per_tensor)
+
+    def _spectral_norm(self, values: np.ndarray) -> float:
+        import torch
+
+        cfg = self.config
+        assert isinstance(cfg, WeightStatsConfig)
+        shape = values.shape
+        if values.size == 0:
+            return math.nan
+        rows = shape[0] if len(shape) >= 2 else 1
+        a = torch.from_numpy(np.ascontiguousarray(values).reshape(rows, -1)).to(self.device)
+        if a.numel() <= cfg.exact_svd_max_numel:
+            return float(torch.linalg.matrix_norm(a.double(), ord=2))
+        # power iteration on A^T A from a fixed start: sigma_max from below, deterministic
+        gen = torch.Generator(device=a.device).manual_seed(0)
+        v = torch.randn(a.shape[1], generator=gen, device=a.device, dtype=a.dtype)
+        v /= v.norm()
+        for _ in range(cfg.power_iterations):
+            v = a.T @ (a @ v)
+            norm = v.norm()
+            if norm == 0:
+                return 0.0
+            v /= norm
+        return float((a @ v).norm())
+
+
+def _compare(values: np.ndarray, original: np.ndarray) -> dict[str, float]:
+    """rel_l2 and cosine of flattened values against the original's, in float64."""
+    c = values.reshape(-1)
+    o = original.reshape(-1)
+    diff = dot = cc = oo = 0.0
+    for start in range(0, c.size, _BLOCK):
+        cb = c[start : start + _BLOCK].astype(np.float64)
+        ob = o[start : start + _BLOCK].astype(np.float64)
+        d = cb - ob
+        diff += float(d @ d)
+        dot += float(cb @ ob)
+        cc += float(cb @ cb)
+        oo += float(ob @ ob)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "rel_l2": float(np.sqrt(diff) / np.sqrt(oo)) if oo > 0 else math.nan,
+            "cosine": float(dot / np.sqrt(cc * oo)) if cc * oo > 0 else math.nan,
+        }
+
+
+def _row_blocks(shape: tuple[int, ...], k: int) -> list[tuple]:
+    """Index tuples along the tensor's first axis that cover it in blocks of ~_BLOCK / k values."""
+    if not shape:
+        return [()]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, _BLOCK // (k * per_row))
+    return [(slice(a, min(a + step, shape[0])),) for a in range(0, shape[0], step)]
+
+
+def _example_stats(examples) -> tuple[float, float]:
+    """(pooled std, typical pairwise distance in std units) of the examples (K, *shape)."""
+    k, shape = examples.shape[0], tuple(examples.shape[1:])
+    stats = RunningStats()
+    gram = np.zeros((k, k))  # (K, K) inner products of the flattened examples
+    for idx in _row_blocks(shape, k):
+        block = np.asarray(examples[(slice(None), *idx)], dtype=np.float64).reshape(k, -1)
+        stats.update(block)
+        gram += block @ block.T
+    std = math.sqrt(stats.m2 / stats.n) if stats.n else 0.0
+    if k < 2 or std == 0.0:
+        return std, math.nan
+    sq = np.diag(gram)[:, None] + np.diag(gram)[None, :] - 2 * gram
+    pairs = np.sqrt(np.clip(sq[np.triu_indices(k, 1)], 0.0, None))  # (K (K - 1) / 2,)
+    return std, float(np.median(pairs)) / (std * math.sqrt(stats.n / k))
+
+
+def _novelty(values: np.ndarray, examples, std: float) -> float:
+    """RMS distance to the nearest example, in units of the examples' pooled std."""
+    k, shape = examples.shape[0], tuple(examples.shape[1:])
+    if std == 0.0:
+        return math.nan
+    sq = np.zeros(k)  # (K,) squared distances to each example
+    for idx in _row_blocks(shape, k):
+        block = np.asarray(examples[(slice(None), *idx)], dtype=np.float64).reshape(k, -1)
+        diff = block - np.asarray(values[idx], dtype=np.float64).reshape(1, -1)
+        sq += (diff * diff).sum(axis=1)
+    return float(np.sqrt(sq.min())) / (std * math.sqrt(max(1, math.prod(shape))))
+
+
+def novelty(values: np.ndarray, examples) -> float:
+    """RMS distance of `values` to the nearest of `examples` (K, *shape), in the examples' std."""
+    std, _ = _example_stats(examples)
+    return _novelty(values, examples, std)
