@@ -285,18 +285,22 @@ def _check_predict_input(model_url: str, options) -> None:
 @app.command()
 @user_errors
 def demo(store: StoreOpt = None,
-         size: Annotated[str, typer.Option(help="tiny (seconds) or small (a GPT-2-shaped model).")] = "small",
+         size: Annotated[str, typer.Option(help="full (about 10 minutes first, cached after) or tiny.")] = "full",
+         no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Call the library directly.")] = False,
          ) -> None:
-    """The main job: build a GPT-2-shaped model offline and extract it into the store."""
+    """The main job: train a small GPT-2 offline, collect a zoo, run the pipeline, print the report."""
     from weightsmith.demo import run_demo
 
-    run_demo(store or state.default_store(), size=size, console=err)
+    run_demo(store or state.default_store(), size=size, console=err, use_prefect=not no_prefect)
 
 
 def _register_subcommands() -> None:
     from weightsmith.cli_dev import dev_app
 
+    from weightsmith.cli_leaderboard import leaderboard
+
     app.add_typer(dev_app, name="dev", help="Local stack without Docker: SeaweedFS, Prefect server, workers.")
+    app.command("leaderboard")(user_errors(leaderboard))
 
 
 _register_subcommands()

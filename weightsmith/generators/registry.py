@@ -18,6 +18,9 @@ GENERATORS: dict[str, str] = {
     "coord-gaussian": "weightsmith.generators.coord_gaussian:CoordGaussian",
     "pca-gaussian": "weightsmith.generators.pca_gaussian:PcaGaussian",
     "average": "weightsmith.generators.average:Average",
+    "zoo-diffusion": "weightsmith.generators.zoo_diffusion:ZooDiffusion",
+    "tile-diffusion": "weightsmith.generators.tile_diffusion:TileDiffusion",
+    "img2img": "weightsmith.generators.img2img:Img2Img",
 }
 
 BASELINES = ("gaussian", "permute", "noise")  # in every report

@@ -1,0 +1,82 @@
+"""The `weightsmith-pipeline` flow: extract -> predict -> assemble -> vet -> report.
+
+Extraction runs as the `extract-model` subflow (its per-unit fan-out); predictions of a layer
+group fan out over generators and baselines, candidates over samples. Every stage's artifacts
+are in the store under ids derived from the run id, so re-running the same request resumes.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.artifacts import _key
+from flows.extract import extract_model
+from tasks import pipeline as t
+from tasks.credentials import use_credentials
+from weightsmith import state
+from weightsmith.pipeline import PipelineOptions, check, predictions_plan, run_id_for
+
+
+@flow(name="weightsmith-pipeline", persist_result=True)
+def weightsmith_pipeline(
+    source: str,
+    store: str | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+    stages: list[str] | None = None,
+    layers: list[list[str]] | None = None,
+    generators: list[str] | None = None,
+    generator_config: dict[str, dict] | None = None,
+    samples: int = 2,
+    seed: int = 0,
+    zoo: str | None = None,
+    text: str | None = None,
+    noise_radii: list[float] | None = None,
+    device: str = "auto",
+    images: str = "preview",
+    run_id: str | None = None,
+    credentials: str | None = None,
+) -> dict:
+    """Returns {"model_url", "report_url", "reports", "status", "verdicts"}; raises on failure."""
+    log = get_run_logger()
+    bucket_url = use_credentials(credentials)
+    options = PipelineOptions(
+        store=store or bucket_url or state.default_store(), name=name, revision=revision,
+        stages=tuple(stages or ("extract", "weight-stats")), layers=tuple(tuple(g) for g in layers or ()),
+        generators=tuple(generators or ("tile-diffusion",)), generator_config=generator_config or {},
+        samples=samples, seed=seed, zoo=zoo, text=text,
+        noise_radii=tuple(noise_radii or PipelineOptions.model_fields["noise_radii"].default),
+        device=device, images=images, run_id=run_id,
+    )
+    check(options)
+    rid = run_id_for(source, options)
+    model_url = extract_model(source=source, store=options.store, name=name, revision=revision,
+                              images=images, credentials=credentials)
+    if "predict" not in options.stages:
+        report = t.stats_report(model_url, rid, credentials)
+        return {"model_url": model_url, "report_url": report, "reports": [report], "status": "done", "verdicts": []}
+
+    original = t.assemble.submit(model_url, None, 0, rid, credentials)
+    reports, verdicts = [], []
+    for gi, group in enumerate(options.layers):
+        plan = predictions_plan(options)
+        futures = [t.predict_run.submit(model_url, rid, gi, group, label, gen, cfg, options, credentials)
+                   for label, gen, cfg, _kind in plan]
+        runs = [(label, gen, kind, cfg, f.result()) for (label, gen, cfg, kind), f in zip(plan, futures, strict=True)]
+        generated = [r[4] for r in runs if r[2] == "candidate"]
+        runs += [tuple(r) for r in t.novelty_noise(model_url, rid, gi, group, generated, options, credentials)]
+        cands = [t.assemble.submit(model_url, r[4], s, rid, credentials) for r in runs for s in range(samples)]
+        for f in cands:
+            f.result()
+        outcome = t.vet(model_url, f"{rid}-g{gi}", original.result(), runs, options, credentials)
+        reports.append(outcome["report_url"])
+        verdicts += [f"group {gi}: {v}" for v in outcome["verdicts"]]
+        create_table_artifact(key=_key(f"report-{rid}-g{gi}"), table=outcome["table"],
+                              description=f"Vetting of group {gi} ({', '.join(group)})")
+    create_markdown_artifact(key=_key(f"pipeline-{rid}"), markdown="# weightsmith pipeline\n\n"
+                             + f"- model: `{model_url}`\n" + "".join(f"- report: `{r}`\n" for r in reports)
+                             + "\n## Verdicts\n" + "".join(f"- {v}\n" for v in verdicts))
+    log.info("pipeline %s done: %d report(s)", rid, len(reports))
+    return {"model_url": model_url, "report_url": reports[0] if reports else None, "reports": reports,
+            "status": "done", "verdicts": verdicts}
