@@ -277,15 +277,29 @@ def test_restore_sharded_into_a_folder(home: Path, fixtures_dir: Path, tmp_path:
         assert (out / p.name).read_bytes() == p.read_bytes()
 
 
-def test_demo_tiny(home: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_demo_tiny_runs_every_stage_end_to_end(home: Path, tmp_path: Path) -> None:
+    """The main job at tiny size: train, zoo, extract, predict, assemble, vet, report."""
     run = cli("demo", "--size", "tiny", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0, run.stderr[-3000:]
     url = last_line(run.stdout)
-    assert url.startswith(str(home / "store" / "models" / "demo-gpt2-tiny"))
+    assert url.startswith(str(home / "store" / "models" / "demo-lm-tiny"))
     assert verify(url).ok
-    manifest = parse_model_url(url).manifest()
-    assert "transformer.wte.weight" in manifest["tensors"]
-    assert "config.json" in manifest["files"]
+    model = parse_model_url(url)
+    assert "transformer.wte.weight" in model.manifest()["tensors"]
+    reports = model.store.list(model.key("reports"))
+    for group in ("g0", "g1"):
+        report = [k for k in reports if k.endswith(f"-{group}/report.json")]
+        assert report, reports
+        data = model.store.read_json(report[0])
+        labels = {e["label"] for e in data["entries"]}
+        assert {"original", "zoo-diffusion", "tile-diffusion", "gaussian", "permute", "average",
+                "coord-gaussian", "pca-gaussian"} <= labels
+        assert any(label.startswith("noise(") for label in labels)
+        assert data["verdicts"] and all(v["sentence"] for v in data["verdicts"])
+        md = model.store.read_bytes(report[0].replace("report.json", "report.md")).decode()
+        assert "plots/frontier.png" in md
+    assert "verdicts:" in run.stderr
     assert not (tmp_path / ".weightsmith").exists()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -280,6 +281,54 @@ def _check_predict_input(model_url: str, options) -> None:
     gen.config(options.config)
     if options.chunk_size:
         parse_size(options.chunk_size)
+
+
+@app.command()
+@user_errors
+def run(
+    source: Annotated[str, typer.Argument(help="File, folder, s3:// or http(s):// URL of the model.")],
+    store: StoreOpt = None,
+    name: Annotated[str | None, typer.Option(help="Model slug in the store.")] = None,
+    stages: Annotated[str, typer.Option(help="Comma list of extract, predict, weight-stats, lm-eval.")]
+    = "extract,weight-stats",
+    layer: Annotated[list[str] | None, typer.Option(help="A layer group: comma-separated globs (repeatable).")] = None,
+    generator: Annotated[list[str] | None, typer.Option(help="Generator to vet (repeatable).")] = None,
+    samples: Annotated[int, typer.Option(help="Candidates per generator and group.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of every generator and baseline.")] = 0,
+    zoo: Annotated[str | None, typer.Option(help="zoos/<id>/ to fit zoo generators on.")] = None,
+    text: Annotated[str | None, typer.Option(help="Held-out text file for lm-eval.")] = None,
+    config: Annotated[str | None, typer.Option(help="Generator options: JSON or YAML {generator: {...}}.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Call the library directly.")] = False,
+) -> None:
+    """The pipeline: extract -> predict -> assemble -> vet -> report; prints the report URL(s)."""
+    from weightsmith.pipeline import PipelineOptions, check, run_pipeline
+
+    options = _options(PipelineOptions, store=store or state.default_store(), name=name,
+                       stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                       layers=tuple(tuple(g.strip() for g in group.split(",") if g.strip()) for group in layer or ()),
+                       generators=tuple(generator or ("tile-diffusion",)), generator_config=_load_config(config),
+                       samples=samples, seed=seed, zoo=zoo, text=text, device=device)
+    check(options)
+    if text and not os.path.isfile(text):
+        raise WeightsmithError(text, "no such text file")
+    if no_prefect:
+        result = run_pipeline(source, options, say=lambda m: err.print(m, highlight=False))
+        reports, verdicts = result.reports or [result.report_url], result.summary
+    else:
+        from weightsmith.extract import ExtractOptions, prepare
+
+        prepare(source, _options(ExtractOptions, store=options.store, name=name))  # before a flow starts
+        flow = _flow("run", "threads", 4, None)
+        out_ = flow(source=source, store=options.store, name=name, stages=list(options.stages),
+                    layers=[list(g) for g in options.layers], generators=list(options.generators),
+                    generator_config=options.generator_config, samples=samples, seed=seed, zoo=zoo, text=text,
+                    device=device)
+        reports, verdicts = out_["reports"], out_["verdicts"]
+    for v in verdicts:
+        err.print(v, highlight=False)
+    for r in reports:
+        print(r)
 
 
 @app.command()
