@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+PIECE = 1 << 20
+
+
 @dataclass
 class RunningStats:
     """Statistics of finite values, updated one block at a time in float64."""
@@ -21,7 +24,13 @@ class RunningStats:
     inf: int = 0
 
     def update(self, block: np.ndarray) -> None:
-        x = np.asarray(block, dtype=np.float64).ravel()
+        flat = np.asarray(block).ravel()
+        # float64 copies of at most PIECE values at a time: memory stays small for big blocks
+        for start in range(0, max(1, flat.size), PIECE):
+            self._update(flat[start : start + PIECE])
+
+    def _update(self, piece: np.ndarray) -> None:
+        x = piece.astype(np.float64)
         finite = np.isfinite(x)
         if not finite.all():
             self.nan += int(np.isnan(x).sum())
