@@ -50,8 +50,16 @@ def machine() -> dict:
     except AttributeError:
         usable = os.cpu_count()
     versions = {}
-    for mod in ("weightsmith", "numpy", "zarr", "numcodecs", "tifffile", "imagecodecs", "PIL",
-                "safetensors"):
+    for mod in (
+        "weightsmith",
+        "numpy",
+        "zarr",
+        "numcodecs",
+        "tifffile",
+        "imagecodecs",
+        "PIL",
+        "safetensors",
+    ):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # not installed, or no __version__
@@ -74,8 +82,12 @@ def disk(path: Path) -> dict:
     while not probe.exists():
         probe = probe.parent
     usage = shutil.disk_usage(probe)
-    return {"path": str(path), "free_bytes": usage.free, "total_bytes": usage.total,
-            "fs": _fs_type(probe)}
+    return {
+        "path": str(path),
+        "free_bytes": usage.free,
+        "total_bytes": usage.total,
+        "fs": _fs_type(probe),
+    }
 
 
 def _fs_type(path: Path) -> str | None:
@@ -85,7 +97,9 @@ def _fs_type(path: Path) -> str | None:
         with open("/proc/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
+                if len(parts) >= 3 and (
+                    real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")
+                ):
                     if len(parts[1]) >= len(best):
                         best, fs = parts[1], f"{parts[2]} ({parts[0]} on {parts[1]})"
     except OSError:
@@ -96,13 +110,15 @@ def _fs_type(path: Path) -> str | None:
 def describe(m: dict, d: dict) -> str:
     ram = f"{m['ram_bytes'] / 1e9:.1f} GB" if m["ram_bytes"] else "?"
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
-    return "\n".join([
-        f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), RAM {ram}",
-        f"disk:    {d['free_bytes'] / 1e9:.1f} GB free of {d['total_bytes'] / 1e9:.1f} GB at "
-        f"{d['path']} [{d['fs']}]",
-        f"python:  {m['python']} on {m['platform']}",
-        f"libs:    {versions}",
-    ])
+    return "\n".join(
+        [
+            f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), RAM {ram}",
+            f"disk:    {d['free_bytes'] / 1e9:.1f} GB free of {d['total_bytes'] / 1e9:.1f} GB at "
+            f"{d['path']} [{d['fs']}]",
+            f"python:  {m['python']} on {m['platform']}",
+            f"libs:    {versions}",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,32 +163,69 @@ def run_child(script: Path, spec: dict, timeout: float = 1800) -> dict:
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(script), "--child", json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
-        raise RuntimeError(f"child {spec.get('method')} failed ({proc.returncode}):\n"
-                           f"{proc.stderr[-4000:]}")
+        raise RuntimeError(
+            f"child {spec.get('method')} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
+            result = json.loads(line[len(RESULT_PREFIX) :])
             result["process_seconds"] = elapsed
             return result
     raise RuntimeError(f"child {spec.get('method')} printed no result:\n{proc.stdout[-2000:]}")
 
 
-def report_child(seconds: float, **extra) -> None:
-    """The child's last line: its work time and own peak RSS (ru_maxrss is KiB on Linux)."""
+def peak_rss() -> int:
+    """This process's peak RSS so far, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss *= 1 if sys.platform == "darwin" else 1024
-    print(RESULT_PREFIX + json.dumps({"seconds": seconds, "rss_bytes": rss, **extra}), flush=True)
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds of this process (all threads) or of its waited-for children.
+
+    Less sensitive than wall time to other work on a shared machine: compare the two to see
+    whether a run waited for the CPU or the disk.
+    """
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def report_child(seconds: float, rss_start: int, cpu_start: float, **extra) -> None:
+    """The child's last line: its work time, CPU time, peak RSS and the peak before the work."""
+    result = {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds() - cpu_start,
+        "rss_bytes": peak_rss(),
+        "rss_start_bytes": rss_start,
+        **extra,
+    }
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_timed(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of an external command (e.g. cp), which must succeed."""
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run(argv, check=True)
+    return time.perf_counter() - started, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
 
 
 def time_command(argv: list[str]) -> float:
-    """Wall seconds of an external command (e.g. cp), which must succeed."""
-    started = time.perf_counter()
-    subprocess.run(argv, check=True)
-    return time.perf_counter() - started
+    """Wall seconds of an external command, which must succeed."""
+    return run_timed(argv)[0]
+
+
+def load() -> str:
+    """The load averages against the core count: other work on the machine skews wall times."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +237,12 @@ def table(headers: list[str], rows: list[list], align: str | None = None) -> str
     align = align or "l" + "r" * (len(headers) - 1)
     lines = []
     for n, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                               for c, w, a in zip(r, widths, align, strict=True)).rstrip())
+        lines.append(
+            "  ".join(
+                c.ljust(w) if a == "l" else c.rjust(w)
+                for c, w, a in zip(r, widths, align, strict=True)
+            ).rstrip()
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Benchmark: extract a GPT-2-small-shaped model into a local store, against `cp` and a naive way.
 
     .venv/bin/python bench/extract.py [--layers-mult 1 4] [--out DIR] [--json FILE]
-                                      [--repeat N] [--codec] [--profile] [--keep]
+                                      [--repeat N] [--codec] [--profile] [--keep] [--no-main]
 
 For each size (1x = GPT-2 small, 12 layers, 124M parameters, random init, built offline with
 transformers and cached under --out; 4x = the same with 48 layers), in one run and with the
@@ -50,6 +50,7 @@ CODEC_VARIANTS = [
     ("tiff none + zarr blosc-zstd-1", None, "blosc-zstd-1", "all"),
     ("tiff none + zarr zstd-0", None, "zstd-0", "all"),
     ("tiff none + zarr uncompressed", None, "none", "all"),
+    ("images preview (zarr blosc-lz4 + PNG)", None, "blosc-lz4", "preview"),
     ("images none (zarr blosc-lz4 only)", None, "blosc-lz4", "none"),
 ]
 
@@ -85,13 +86,15 @@ def _child_ours(spec: dict) -> None:
         images.TIFF_COMPRESSION = spec["tiff"]
     if "zarr" in spec:
         arrays._COMPRESSORS = _zarr_codecs(spec["zarr"])
-    options = ExtractOptions(store=spec["store"], images=spec.get("images", "all"),
-                             revision=spec.get("revision"))
+    options = ExtractOptions(
+        store=spec["store"], images=spec.get("images", "all"), revision=spec.get("revision")
+    )
     profiler = None
     if spec.get("profile"):
         import cProfile
 
         profiler = cProfile.Profile()
+    rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()  # imports done: the baseline
     started = time.perf_counter()
     if profiler:
         profiler.enable()
@@ -101,9 +104,16 @@ def _child_ours(spec: dict) -> None:
     seconds = time.perf_counter() - started
     if profiler:
         profiler.dump_stats(spec["profile"])
-    c.report_child(seconds, tensors=result.tensors, bytes_read=result.bytes_read,
-                   revision=result.revision, tiff_compression=images.TIFF_COMPRESSION,
-                   zarr_compressors=repr(arrays._COMPRESSORS))
+    c.report_child(
+        seconds,
+        rss_start,
+        cpu_start,
+        tensors=result.tensors,
+        bytes_read=result.bytes_read,
+        revision=result.revision,
+        tiff_compression=images.TIFF_COMPRESSION,
+        zarr_compressors=repr(arrays._COMPRESSORS),
+    )
 
 
 def _child_naive(spec: dict) -> None:
@@ -114,6 +124,7 @@ def _child_naive(spec: dict) -> None:
     from safetensors.numpy import load_file
 
     dest = Path(spec["dest"])
+    rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
     started = time.perf_counter()
     tensors = load_file(spec["src"])  # every tensor in memory at once
     dest.mkdir(parents=True, exist_ok=True)
@@ -121,11 +132,16 @@ def _child_naive(spec: dict) -> None:
         base = dest / f"{i:04d}-{name.replace('/', '_')}"
         np.save(f"{base}.npy", array)
         shape = array.shape
-        rows, cols = ((1, 1) if not shape else (1, shape[0]) if len(shape) == 1
-                      else (shape[0], math.prod(shape[1:])))
+        rows, cols = (
+            (1, 1)
+            if not shape
+            else (1, shape[0])
+            if len(shape) == 1
+            else (shape[0], math.prod(shape[1:]))
+        )
         view = np.ascontiguousarray(array.astype(np.float32, copy=False).reshape(rows, cols))
         Image.fromarray(view).save(f"{base}.tiff")  # mode "F": 32-bit float, uncompressed
-    c.report_child(time.perf_counter() - started, tensors=len(tensors))
+    c.report_child(time.perf_counter() - started, rss_start, cpu_start, tensors=len(tensors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,10 +160,14 @@ def build_model(out: Path, mult: int) -> Path:
     if weights.exists():
         return weights
     folder.parent.mkdir(parents=True, exist_ok=True)
-    print(f"building {folder} ({layers * mult} layers, random init; cached for later runs) ...",
-          flush=True)
-    code = ("import sys; from pathlib import Path; from weightsmith.demo import build_gpt2; "
-            f"build_gpt2(Path(sys.argv[1]), {layers * mult}, {width}, {heads}, {vocab}, {context})")
+    print(
+        f"building {folder} ({layers * mult} layers, random init; cached for later runs) ...",
+        flush=True,
+    )
+    code = (
+        "import sys; from pathlib import Path; from weightsmith.demo import build_gpt2; "
+        f"build_gpt2(Path(sys.argv[1]), {layers * mult}, {width}, {heads}, {vocab}, {context})"
+    )
     import subprocess
 
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True, cwd=c.ROOT)
@@ -159,8 +179,14 @@ def largest_tensor(path: Path) -> tuple[str, int]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    best = max(((k, v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()
-                if k != "__metadata__"), key=lambda kv: kv[1])
+    best = max(
+        (
+            (k, v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items()
+            if k != "__metadata__"
+        ),
+        key=lambda kv: kv[1],
+    )
     return best
 
 
@@ -192,8 +218,9 @@ def measure(src: Path, work: Path, repeat: int, keep: bool) -> dict:
     def ours(key: str, revision: str | None) -> None:
         c.remove(store)
         c.settle()
-        r = c.run_child(SCRIPT, {"method": "ours", "src": str(src), "store": str(store),
-                                 "revision": revision})
+        r = c.run_child(
+            SCRIPT, {"method": "ours", "src": str(src), "store": str(store), "revision": revision}
+        )
         r["output_bytes"], r["files"] = c.tree_bytes(store)
         runs[key].append(r)
 
@@ -203,11 +230,19 @@ def measure(src: Path, work: Path, repeat: int, keep: bool) -> dict:
         for _ in range(CP_TRIES):
             c.remove(copy)
             c.settle()
-            seconds = c.time_command(["cp", "-r", str(store), str(copy)])
+            seconds, cpu = c.run_timed(["cp", "-r", str(store), str(copy)])
             flush = c.time_command(["sync"])  # informational: not part of the cp time
             out_bytes, files = c.tree_bytes(copy)
-            runs["cp"].append({"seconds": seconds, "sync_seconds": flush, "rss_bytes": None,
-                               "output_bytes": out_bytes, "files": files})
+            runs["cp"].append(
+                {
+                    "seconds": seconds,
+                    "cpu_seconds": cpu,
+                    "sync_seconds": flush,
+                    "rss_bytes": None,
+                    "output_bytes": out_bytes,
+                    "files": files,
+                }
+            )
         c.remove(copy)
         ours("ours_hash", None)
         c.remove(naive)
@@ -220,9 +255,14 @@ def measure(src: Path, work: Path, repeat: int, keep: bool) -> dict:
         c.remove(store)
     c.settle()
     for key, rs in runs.items():
-        res[key] = _best(rs) if key != "cp" else {
-            **min(rs, key=lambda r: r["seconds"]),
-            "all_seconds": [round(r["seconds"], 3) for r in rs]}
+        res[key] = (
+            _best(rs)
+            if key != "cp"
+            else {
+                **min(rs, key=lambda r: r["seconds"]),
+                "all_seconds": [round(r["seconds"], 3) for r in rs],
+            }
+        )
     return res
 
 
@@ -239,11 +279,36 @@ def size_table(res: dict) -> str:
     rows = []
     for key, label in METHODS:
         r = res[key]
-        rows.append([label, f"{r['seconds']:.2f}", c.fmt_ratio(r["seconds"] / cp_s),
-                     c.fmt_ratio(r["seconds"] / ours_s), c.fmt_mb(r["rss_bytes"]),
-                     c.fmt_mb(r["output_bytes"]), r["files"]])
-    return c.table(["method", "seconds", "x cp", "x ours", "peak RSS MB", "output MB", "files"],
-                   rows)
+        rows.append(
+            [
+                label,
+                f"{r['seconds']:.2f}",
+                f"{r['cpu_seconds']:.2f}",
+                c.fmt_ratio(r["seconds"] / cp_s),
+                c.fmt_ratio(r["seconds"] / ours_s),
+                c.fmt_mb(r["rss_bytes"]),
+                c.fmt_mb(r.get("rss_start_bytes")),
+                c.fmt_mb(r["output_bytes"]),
+                r["files"],
+                " ".join(f"{s:.2f}" for s in r["all_seconds"]),
+            ]
+        )
+    return c.table(
+        [
+            "method",
+            "seconds",
+            "CPU s",
+            "x cp",
+            "x ours",
+            "peak RSS MB",
+            "(at start)",
+            "output MB",
+            "files",
+            "all runs (s)",
+        ],
+        rows,
+        "lrrrrrrrrl",
+    )
 
 
 def verdicts(sizes: dict[int, dict]) -> list[tuple[str, bool, str]]:
@@ -252,48 +317,82 @@ def verdicts(sizes: dict[int, dict]) -> list[tuple[str, bool, str]]:
         ours, cp, naive = res["ours"], res["cp"], res["naive"]
         ratio = ours["seconds"] / cp["seconds"]
         hash_ratio = res["ours_hash"]["seconds"] / cp["seconds"]
-        out.append((f"{mult}x: ours within {TARGET_CP:g}x of cp", ratio <= TARGET_CP,
-                    f"{ratio:.2f}x (content hash: {hash_ratio:.2f}x)"))
-        out.append((f"{mult}x: ours faster than naive", ours["seconds"] < naive["seconds"],
-                    f"{ours['seconds']:.2f}s vs {naive['seconds']:.2f}s "
-                    f"({naive['seconds'] / ours['seconds']:.2f}x faster)"))
+        out.append(
+            (
+                f"{mult}x: ours within {TARGET_CP:g}x of cp",
+                ratio <= TARGET_CP,
+                f"{ratio:.2f}x (content hash: {hash_ratio:.2f}x)",
+            )
+        )
+        out.append(
+            (
+                f"{mult}x: ours faster than naive",
+                ours["seconds"] < naive["seconds"],
+                f"{ours['seconds']:.2f}s vs {naive['seconds']:.2f}s "
+                f"({naive['seconds'] / ours['seconds']:.2f}x faster)",
+            )
+        )
         limit = TARGET_RSS_TENSORS * res["largest_tensor_bytes"] + TARGET_RSS_BASE
         rss = max(ours["rss_bytes"], res["ours_hash"]["rss_bytes"])
-        out.append((f"{mult}x: peak RSS < 2 x largest tensor + 300 MB", rss < limit,
-                    f"{rss / c.MB:,.0f} MB < {limit / c.MB:,.0f} MB"))
+        out.append(
+            (
+                f"{mult}x: peak RSS < 2 x largest tensor + 300 MB",
+                rss < limit,
+                f"{rss / c.MB:,.0f} MB < {limit / c.MB:,.0f} MB",
+            )
+        )
     mults = sorted(sizes)
     if len(mults) > 1:
         lo, hi = mults[0], mults[-1]
         rss_lo = max(sizes[lo]["ours"]["rss_bytes"], sizes[lo]["ours_hash"]["rss_bytes"])
         rss_hi = max(sizes[hi]["ours"]["rss_bytes"], sizes[hi]["ours_hash"]["rss_bytes"])
         limit = rss_lo * TARGET_FLAT_FACTOR + TARGET_FLAT_SLACK
-        out.append((f"peak RSS flat from {lo}x to {hi}x", rss_hi <= limit,
-                    f"{rss_hi / c.MB:,.0f} MB <= {rss_lo / c.MB:,.0f} x {TARGET_FLAT_FACTOR:g} "
-                    f"+ 50 = {limit / c.MB:,.0f} MB"))
+        out.append(
+            (
+                f"peak RSS flat from {lo}x to {hi}x",
+                rss_hi <= limit,
+                f"{rss_hi / c.MB:,.0f} MB <= {rss_lo / c.MB:,.0f} x {TARGET_FLAT_FACTOR:g} "
+                f"+ 50 = {limit / c.MB:,.0f} MB",
+            )
+        )
     return out
 
 
-def codec_experiment(src: Path, work: Path) -> list[dict]:
-    """ours with each codec variant (revision given), each against cp of its own output."""
+def codec_experiment(src: Path, work: Path, repeat: int) -> list[dict]:
+    """ours with each codec variant (revision given), each against cp of its own output.
+
+    Variants run in interleaved rounds (every variant once a round, `repeat` rounds) and the
+    fastest run of each counts, as for the main measurement.
+    """
     c.warm(src)
-    rows = []
+    runs: dict[str, list[dict]] = {v[0]: [] for v in CODEC_VARIANTS}
     store, copy = work / "codec-store", work / "codec-store-cp"
-    for label, tiff, zarr_name, images in CODEC_VARIANTS:
-        c.remove(store)
-        c.settle()
-        r = c.run_child(SCRIPT, {"method": "ours", "src": str(src), "store": str(store),
-                                 "revision": "bench", "tiff": tiff, "zarr": zarr_name,
-                                 "images": images})
-        r["output_bytes"], r["files"] = c.tree_bytes(store)
-        c.remove(copy)
-        c.settle()
-        r["cp_seconds"] = c.time_command(["cp", "-r", str(store), str(copy)])
-        c.remove(copy)
-        c.remove(store)
-        r.update(label=label, tiff=tiff, zarr=zarr_name, images=images)
-        rows.append(r)
-        print(f"  {label}: {r['seconds']:.2f}s", flush=True)
+    for n in range(repeat):
+        for label, tiff, zarr_name, images in CODEC_VARIANTS:
+            c.remove(store)
+            c.settle()
+            spec = {"method": "ours", "src": str(src), "store": str(store), "revision": "bench"}
+            spec.update(tiff=tiff, zarr=zarr_name, images=images)
+            r = c.run_child(SCRIPT, spec)
+            r["output_bytes"], r["files"] = c.tree_bytes(store)
+            c.remove(copy)
+            c.settle()
+            r["cp_seconds"] = c.time_command(["cp", "-r", str(store), str(copy)])
+            c.remove(copy)
+            c.remove(store)
+            r.update(label=label, tiff=tiff, zarr=zarr_name, images=images)
+            runs[label].append(r)
+            print(
+                f"  round {n + 1}: {label}: {r['seconds']:.2f}s (cp {r['cp_seconds']:.2f}s)",
+                flush=True,
+            )
     c.settle()
+    rows = []
+    for rs in runs.values():
+        best = _best(rs)
+        best["cp_seconds"] = min(r["cp_seconds"] for r in rs)
+        best["all_cp_seconds"] = [round(r["cp_seconds"], 3) for r in rs]
+        rows.append(best)
     return rows
 
 
@@ -301,13 +400,36 @@ def codec_table(rows: list[dict], src_bytes: int) -> str:
     base = rows[0]
     out = []
     for r in rows:
-        out.append([r["label"], f"{r['seconds']:.2f}", c.fmt_mb(r["output_bytes"]),
-                    c.fmt_ratio(r["seconds"] / r["cp_seconds"]),
-                    c.fmt_ratio(r["seconds"] / base["cp_seconds"]),
-                    c.fmt_ratio(r["seconds"] / base["seconds"]),
-                    f"{src_bytes / r['seconds'] / c.MB:,.0f}", c.fmt_mb(r["rss_bytes"])])
-    return c.table(["variant", "seconds", "output MB", "x cp(own)", "x cp(default)",
-                    "x default", "source MB/s", "peak RSS MB"], out)
+        out.append(
+            [
+                r["label"],
+                f"{r['seconds']:.2f}",
+                f"{r['cpu_seconds']:.2f}",
+                c.fmt_mb(r["output_bytes"]),
+                c.fmt_ratio(r["seconds"] / r["cp_seconds"]),
+                c.fmt_ratio(r["seconds"] / base["cp_seconds"]),
+                c.fmt_ratio(r["seconds"] / base["seconds"]),
+                f"{src_bytes / r['seconds'] / c.MB:,.0f}",
+                c.fmt_mb(r["rss_bytes"]),
+                " ".join(f"{s:.2f}" for s in r["all_seconds"]),
+            ]
+        )
+    return c.table(
+        [
+            "variant",
+            "seconds",
+            "CPU s",
+            "output MB",
+            "x cp(own)",
+            "x cp(default)",
+            "x default",
+            "source MB/s",
+            "peak RSS MB",
+            "all runs (s)",
+        ],
+        out,
+        "lrrrrrrrrl",
+    )
 
 
 def profile(src: Path, work: Path, top: int = 10) -> dict:
@@ -318,8 +440,16 @@ def profile(src: Path, work: Path, top: int = 10) -> dict:
     store, stats_path = work / "profile-store", work / "extract.prof"
     c.remove(store)
     c.settle()
-    r = c.run_child(SCRIPT, {"method": "ours", "src": str(src), "store": str(store),
-                             "revision": "bench", "profile": str(stats_path)})
+    r = c.run_child(
+        SCRIPT,
+        {
+            "method": "ours",
+            "src": str(src),
+            "store": str(store),
+            "revision": "bench",
+            "profile": str(stats_path),
+        },
+    )
     c.remove(store)
     stats = pstats.Stats(str(stats_path)).stats  # func -> (cc, nc, tt, ct, callers)
 
@@ -327,38 +457,74 @@ def profile(src: Path, work: Path, top: int = 10) -> dict:
         filename, line, name = func
         for marker in ("site-packages/", "weightsmith/", "lib/python"):
             if marker in filename:
-                filename = filename[filename.index(marker) + len(marker):]
+                filename = filename[filename.index(marker) + len(marker) :]
                 break
         return f"{name} ({filename}:{line})" if line else name
 
-    def rows(index: int) -> list[dict]:
-        ranked = sorted(stats.items(), key=lambda kv: kv[1][index], reverse=True)[:top]
-        return [{"function": where(f), "calls": s[1], "tottime": s[2], "cumtime": s[3]}
-                for f, s in ranked]
+    def rows(index: int, ours_only: bool = False) -> list[dict]:
+        items = [
+            kv for kv in stats.items() if not ours_only or str(c.ROOT / "weightsmith") in kv[0][0]
+        ]
+        ranked = sorted(items, key=lambda kv: kv[1][index], reverse=True)[:top]
+        return [
+            {"function": where(f), "calls": s[1], "tottime": s[2], "cumtime": s[3]}
+            for f, s in ranked
+        ]
 
-    return {"seconds": r["seconds"], "stats_file": str(stats_path),
-            "by_cumulative": rows(3), "by_tottime": rows(2)}
+    return {
+        "seconds": r["seconds"],
+        "stats_file": str(stats_path),
+        "by_cumulative": rows(3),
+        "by_tottime": rows(2),
+        "weightsmith_by_cumulative": rows(3, ours_only=True),
+    }
 
 
 def profile_table(rows: list[dict]) -> str:
-    return c.table(["cumtime s", "tottime s", "calls", "function"],
-                   [[f"{r['cumtime']:.2f}", f"{r['tottime']:.2f}", r["calls"], r["function"]]
-                    for r in rows], "rrrl")
+    return c.table(
+        ["cumtime s", "tottime s", "calls", "function"],
+        [[f"{r['cumtime']:.2f}", f"{r['tottime']:.2f}", r["calls"], r["function"]] for r in rows],
+        "rrrl",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers-mult", type=int, nargs="+", default=[1, 4],
-                   help="model sizes as multiples of GPT-2 small's 12 layers (default: 1 4)")
-    p.add_argument("--out", type=Path, default=c.DEFAULT_OUT,
-                   help="work folder: cached models and scratch stores (default: bench/out)")
+    p.add_argument(
+        "--layers-mult",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="model sizes as multiples of GPT-2 small's 12 layers (default: 1 4)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=c.DEFAULT_OUT,
+        help="work folder: cached models and scratch stores (default: bench/out)",
+    )
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
-    p.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest counts")
-    p.add_argument("--codec", action="store_true",
-                   help="also time TIFF/Zarr codec alternatives at the smallest size")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile ours (cProfile) at the smallest size")
-    p.add_argument("--keep", action="store_true", help="keep the output stores under --out")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help=f"rounds of every method (cp: {CP_TRIES} tries a round); the fastest "
+        "counts (default: 2)",
+    )
+    p.add_argument(
+        "--codec",
+        action="store_true",
+        help="also time TIFF/Zarr codec alternatives at the smallest size",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="also profile ours (cProfile) at the smallest size"
+    )
+    p.add_argument("--keep", action="store_true", help="keep ours' last output store under --out")
+    p.add_argument(
+        "--no-main",
+        action="store_true",
+        help="skip the main comparison (to run only --codec and/or --profile)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -369,12 +535,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     machine, disk = c.machine(), c.disk(out)
     print(c.describe(machine, disk))
-    print("method: page cache warm (source read once first); no method syncs, dirty pages are "
-          "flushed untimed between methods;\n        seconds are the work in a fresh child "
-          f"process (imports excluded); repeat={args.repeat}, fastest kept\n", flush=True)
+    print(
+        "method: page cache warm (source read once first); no method syncs, dirty pages are "
+        "flushed untimed between methods;\n        seconds are the work in a fresh child "
+        f"process (imports excluded); repeat={args.repeat}, fastest kept; CPU s is user + "
+        "system\n        time of that run (all threads): when it is far below seconds, the run "
+        "waited\n        (disk, or other work on the machine: see the load average)\n",
+        flush=True,
+    )
     results: dict = {"machine": machine, "disk": disk, "repeat": args.repeat, "sizes": {}}
     started = time.perf_counter()
-    for mult in sorted(set(args.layers_mult)):
+    for mult in [] if args.no_main else sorted(set(args.layers_mult)):
         layers, width, heads, vocab, context = GPT2_SMALL
         est = 4 * model_params(layers * mult, width, heads, vocab, context)
         weights = out / "models" / f"gpt2-small-x{mult}" / "model.safetensors"
@@ -382,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         need = (0 if weights.exists() else est) + 2 * OUTPUT_PER_SOURCE * est + 500 * c.MB
         free = c.disk(out)["free_bytes"]
         if free < need:
-            print(f"== {mult}x: SKIPPED, needs ~{need / 1e9:.1f} GB free disk, "
-                  f"{free / 1e9:.1f} GB free at {out}\n")
+            print(
+                f"== {mult}x: SKIPPED, needs ~{need / 1e9:.1f} GB free disk, "
+                f"{free / 1e9:.1f} GB free at {out}\n"
+            )
             results["sizes"][mult] = {"skipped": f"needs {need} bytes of disk, {free} free"}
             continue
         if machine["ram_bytes"] and machine["ram_bytes"] < 2 * est + 1e9:
@@ -391,13 +564,23 @@ def main(argv: list[str] | None = None) -> int:
             results["sizes"][mult] = {"skipped": "not enough RAM for the naive method"}
             continue
         src = build_model(out, mult)
+        load_before = c.load()
         res = measure(src, out / "runs" / f"x{mult}", args.repeat, args.keep)
+        res["load"] = [load_before, c.load()]
         results["sizes"][mult] = res
-        print(f"== {mult}x: GPT-2-small-shaped, {layers * mult} layers, "
-              f"{res['source_bytes'] / c.MB:,.0f} MB source, "
-              f"{res['ours']['tensors']} tensors; largest tensor {res['largest_tensor']} "
-              f"{res['largest_tensor_bytes'] / c.MB:,.0f} MB")
-        print(size_table(res) + "\n", flush=True)
+        print(
+            f"== {mult}x: GPT-2-small-shaped, {layers * mult} layers, "
+            f"{res['source_bytes'] / c.MB:,.0f} MB source, "
+            f"{res['ours']['tensors']} tensors; largest tensor {res['largest_tensor']} "
+            f"{res['largest_tensor_bytes'] / c.MB:,.0f} MB"
+        )
+        print(f"before: {load_before}; after: {res['load'][1]}")
+        print(size_table(res))
+        print(
+            f"(not timed: a sync after that cp took {res['cp']['sync_seconds']:.2f}s more; "
+            "ours does not sync either)\n",
+            flush=True,
+        )
 
     done = {m: r for m, r in results["sizes"].items() if "skipped" not in r}
     if done:
@@ -414,20 +597,28 @@ def main(argv: list[str] | None = None) -> int:
         work = out / "runs" / f"x{smallest}"
         work.mkdir(parents=True, exist_ok=True)
     if args.codec:
-        print(f"== codec experiment at {smallest}x (revision given; cp of each variant's own "
-              "output, and of the default's)", flush=True)
-        rows = codec_experiment(src, work)
+        print(
+            f"== codec experiment at {smallest}x (revision given; cp of each variant's own "
+            "output, and of the default's)",
+            flush=True,
+        )
+        print(f"before: {c.load()}", flush=True)
+        rows = codec_experiment(src, work, args.repeat)
         results["codec"] = rows
+        print(f"after: {c.load()}")
         print(codec_table(rows, src.stat().st_size) + "\n", flush=True)
     if args.profile:
-        print(f"== profile of ours at {smallest}x (cProfile: its overhead inflates times)",
-              flush=True)
+        print(
+            f"== profile of ours at {smallest}x (cProfile: its overhead inflates times)", flush=True
+        )
         prof = profile(src, work)
         results["profile"] = prof
         print(f"total {prof['seconds']:.2f}s under the profiler; top by cumulative time:")
         print(profile_table(prof["by_cumulative"]))
         print("top by own time:")
-        print(profile_table(prof["by_tottime"]) + "\n")
+        print(profile_table(prof["by_tottime"]))
+        print("weightsmith's own functions by cumulative time:")
+        print(profile_table(prof["weightsmith_by_cumulative"]) + "\n")
     print(f"benchmark took {time.perf_counter() - started:.0f}s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
