@@ -29,6 +29,7 @@ _SESSION_HOME = tempfile.mkdtemp(prefix="weightsmith-tests-")
 os.environ["WEIGHTSMITH_HOME"] = _SESSION_HOME
 os.environ["PREFECT_HOME"] = os.path.join(_SESSION_HOME, "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch on shared 2-core machines (see cli.py)
 os.environ.setdefault("WEIGHTSMITH_TASK_RETRIES", "1")  # failure tests need not wait for backoff
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
