@@ -349,7 +349,6 @@ def demo(store: StoreOpt = None,
 
 def _register_subcommands() -> None:
     from weightsmith.cli_dev import dev_app
-
     from weightsmith.cli_leaderboard import leaderboard
 
     app.add_typer(dev_app, name="dev", help="Local stack without Docker: SeaweedFS, Prefect server, workers.")
