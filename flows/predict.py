@@ -10,7 +10,6 @@ actually used are written as a markdown artifact of the dispatching run.
 from __future__ import annotations
 
 import os
-import time
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -18,7 +17,10 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from tasks import predict as t
-from weightsmith.predict import PredictOptions
+from tasks.credentials import use_credentials
+from weightsmith.extract import new_run_id
+from weightsmith.model import parse_model_url
+from weightsmith.predict import PREDICTION, PredictOptions
 
 DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
 
@@ -27,11 +29,11 @@ DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
 def predict_layer(model_url: str, layer: list[str], generator: str, config: dict | None = None,
                   chunk_size: str | None = None, chunk_offset: int = 0, samples: int = 1, seed: int = 0,
                   device: str = "auto", zoo: str | None = None, images: str = "all",
-                  credentials: str | None = None) -> dict:
+                  credentials: str | None = None, run_id: str | None = None) -> dict:
     """Fit/sample `generator` on the tensors matching `layer`; returns the prediction run."""
     options = PredictOptions(layer=tuple(layer), generator=generator, config=config or {},
                              chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
-                             device=device, zoo=zoo, images=images)
+                             device=device, zoo=zoo, images=images, run_id=run_id)
     result = t.predict(model_url, options, credentials)
     result["host_device_env"] = os.environ.get("DEVICE", "")
     get_run_logger().info("prediction %s on %s", result["run_url"], ", ".join(result["devices"]))
@@ -77,45 +79,53 @@ def dispatch_predict(model_url: str, layer: list[str], generator: str, config: d
     params = dict(model_url=model_url, layer=layer, generator=generator, config=config or {},
                   chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
                   device=device, zoo=zoo, images=images, credentials=credentials)
+    use_credentials(credentials)
     pool, reason = choose_pool()
-    attempts = []
-    result = None
+    attempts: list[tuple[str, str]] = []
+    run_id = new_run_id()
     if pool == "gpu":
-        result = _run_on("gpu", {**params, "device": "auto"}, gpu_timeout)
-        attempts.append(("gpu", result["state"]))
-        if result["state"] != "COMPLETED":
-            reason += f"; the gpu run ended {result['state']} (timeout {gpu_timeout:.0f} s): re-sent to cpu"
+        state = _run_on("gpu", {**params, "device": "auto", "run_id": run_id}, gpu_timeout)
+        attempts.append(("gpu", state))
+        if state != "COMPLETED":
+            reason += f"; the gpu run ended {state} (timeout {gpu_timeout:g} s): re-sent to cpu"
             pool = "cpu" if _online_workers("cpu") and _deployment_exists(DEPLOYMENTS["cpu"]) else "in-process"
+            run_id += "-cpu"  # a cancelled gpu run may still be writing its own folder
     if pool == "cpu":
-        result = _run_on("cpu", {**params, "device": "cpu"}, None)
-        attempts.append(("cpu", result["state"]))
+        state = _run_on("cpu", {**params, "device": "cpu", "run_id": run_id}, None)
+        attempts.append(("cpu", state))
+        if state != "COMPLETED":
+            raise RuntimeError(f"prediction run ended {state} on pool cpu")
     if pool == "in-process":
-        result = {"state": "COMPLETED", "result": predict_layer(**params), "flow_run_id": None}
+        predict_layer(**params, run_id=run_id)
         attempts.append(("in-process", "COMPLETED"))
-    if result["state"] != "COMPLETED":
-        raise RuntimeError(f"prediction run ended {result['state']} on pool {pool}")
-    outcome = result["result"]
+    # The store is the truth: the prediction's own manifest says where and on what it ran.
+    run = parse_model_url(model_url)
+    facts = run.store.read_json(run.key("predictions", run_id, PREDICTION))
+    devices = sorted({d for t in facts["tensors"].values() for d in t["devices"]})
+    outcome = {"run_url": run.store.url_of(run.key("predictions", run_id)), "run_id": run_id,
+               "tensors": list(facts["tensors"]), "devices": devices, "host_device_env": facts["device"]["env"]}
     create_markdown_artifact(
         key="predict-dispatch",
         markdown=(f"# predict dispatch\n\n- chosen: **{pool}**\n- reason: {reason}\n"
                   f"- attempts: {', '.join(f'{p}: {s}' for p, s in attempts)}\n"
-                  f"- device used: {', '.join(outcome['devices'])}\n- run: `{outcome['run_url']}`\n"),
+                  f"- device used: {', '.join(devices)} (worker DEVICE={facts['device']['env'] or 'unset'})\n"
+                  f"- run: `{outcome['run_url']}`\n"),
         description="Where the prediction ran and why",
     )
     return {**outcome, "pool": pool, "reason": reason, "attempts": attempts}
 
 
-def _run_on(pool: str, params: dict, timeout: float | None) -> dict:
-    """Run the pool's deployment and wait; cancel it when it has not finished by `timeout`."""
+def _run_on(pool: str, params: dict, timeout: float | None) -> str:
+    """Run the pool's deployment and wait; cancel it when it has not finished by `timeout`.
+
+    Returns the final state type ("COMPLETED", "FAILED", ...) or "TIMED_OUT".
+    """
     run = run_deployment(DEPLOYMENTS[pool], parameters=params, timeout=timeout, as_subflow=True)
     state = run.state
     if state is not None and state.is_final():
-        if state.is_completed():
-            return {"state": "COMPLETED", "result": state.result(), "flow_run_id": run.id}
-        return {"state": state.type.value, "result": None, "flow_run_id": run.id}
+        return "COMPLETED" if state.is_completed() else state.type.value
     with get_client(sync_client=True) as client:  # still scheduled or running: take it back
         from prefect.states import Cancelling
 
         client.set_flow_run_state(run.id, Cancelling(message="dispatch timeout: re-sent to cpu"), force=True)
-        time.sleep(1)
-    return {"state": "TIMED_OUT", "result": None, "flow_run_id": run.id}
+    return "TIMED_OUT"

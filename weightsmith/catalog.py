@@ -69,7 +69,17 @@ def _parse(raw: bytes, where: str) -> dict:
             raise WeightsmithError(
                 where, f"entry {key!r} needs a status ({', '.join(STATUSES)}) and attempts; {fix}"
             )
+        after = entry.get("next_attempt_after")
+        if after is not None and not _aware_time(after):
+            raise WeightsmithError(where, f"entry {key!r}: next_attempt_after must be an ISO time with a zone; {fix}")
     return catalog
+
+
+def _aware_time(value) -> bool:
+    try:
+        return isinstance(value, str) and datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
 
 
 def update(store: Store | str, fn: Callable[[dict], object]) -> dict:

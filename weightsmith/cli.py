@@ -349,10 +349,13 @@ def demo(store: StoreOpt = None,
 
 def _register_subcommands() -> None:
     from weightsmith.cli_dev import dev_app
+    from weightsmith import cli_upkeep
     from weightsmith.cli_leaderboard import leaderboard
 
     app.add_typer(dev_app, name="dev", help="Local stack without Docker: SeaweedFS, Prefect server, workers.")
     app.command("leaderboard")(user_errors(leaderboard))
+    app.command("ls")(cli_upkeep.ls)
+    app.command("gc")(cli_upkeep.gc)
 
 
 _register_subcommands()

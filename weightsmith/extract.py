@@ -473,9 +473,13 @@ class ExtractPlan:
 
 def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPlan]:
     """Check the input before anything is written: parse headers, plan, probe the store."""
+    from weightsmith.upkeep import check_free_space, estimate_extract_bytes
+
     source = open_source(source_url)
     units = plan(source, options)
-    Store(options.store).check_writable()
+    store = Store(options.store)
+    store.check_writable()
+    check_free_space(store, estimate_extract_bytes(source, units, options.images))
     known = options.revision or source.hf_revision
     checksum_units = () if known else tuple(plan(source, options.model_copy(update={"include": (), "exclude": ()})))
     total = sum(u.nbytes for u in units) + sum(u.nbytes for u in checksum_units)

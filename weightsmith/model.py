@@ -58,7 +58,47 @@ class ModelRef:
             raise WeightsmithError(self.url, f"manifest.json is not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise WeightsmithError(self.url, f"manifest.json is not a {MANIFEST_FORMAT} manifest")
+        problem = _manifest_problem(manifest, self.prefix + "/")
+        if problem:
+            raise WeightsmithError(self.url, f"manifest.json: {problem} (edited by hand? re-extract with --force)")
         return manifest
+
+
+def _manifest_problem(m: dict, prefix: str) -> str | None:
+    """What is wrong with a manifest's structure, or None. Every key must lie in the model."""
+
+    def inside(key) -> bool:
+        parts = key.split("/") if isinstance(key, str) else []
+        return bool(parts) and key.startswith(prefix) and not any(p in ("", ".", "..") for p in parts)
+
+    if not isinstance(m.get("files"), dict) or not isinstance(m.get("tensors"), dict):
+        return "files and tensors must be objects"
+    for name, f in m["files"].items():
+        if not isinstance(f, dict) or not inside(f.get("key")) or not isinstance(f.get("sha256"), str):
+            return f"file {name!r} needs a key inside the model and a sha256"
+    for name, r in m["tensors"].items():
+        shape = r.get("shape") if isinstance(r, dict) else None
+        if not (isinstance(r, dict) and r.get("name") == name and isinstance(r.get("dtype"), str)
+                and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(r.get("sha256"), str) and isinstance(r.get("artifacts"), dict)):
+            return f"tensor {name!r} needs name, dtype, shape, sha256 and artifacts"
+        arts = r["artifacts"]
+        if not inside(arts.get("zarr")) or any(k in arts and not inside(arts[k]) for k in ("tiff", "png")):
+            return f"tensor {name!r}: artifact keys must lie inside the model"
+    source = m.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("containers"), list):
+        return "source.containers must be a list"
+    for c in source["containers"]:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(c.get("segments"), list):
+            return "every container needs a name and segments"
+        for seg in c["segments"]:
+            ok = isinstance(seg, list) and len(seg) in (3, 4) and all(isinstance(x, int) for x in seg[:2])
+            if not ok or not ((len(seg) == 3 and isinstance(seg[2], str)) or (len(seg) == 4 and seg[2] is None
+                                                                             and inside(seg[3]))):
+                return f"container {c['name']!r} has a malformed segment"
+    if not isinstance(m.get("selection", {}), dict):
+        return "selection must be an object"
+    return None
 
 
 def slugify(name: str) -> str:

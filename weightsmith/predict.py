@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from weightsmith.generators import Examples, SampleSpec, state_from_bytes, state
 from weightsmith.generators.registry import get as get_generator
 from weightsmith.model import ModelRef, parse_model_url
 from weightsmith.store import arrays, encode_key
-from weightsmith.store.store import dumps
 
 PREDICTION = "prediction.json"
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -139,7 +139,8 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
         "generator": gen.name,
         "config": gen.config(options.config).model_dump(mode="json"),
         "options": options.model_dump(mode="json"),
-        "device": {"requested": options.device, "resolved": device},
+        "device": {"requested": options.device, "resolved": device, "env": os.environ.get("DEVICE", ""),
+                   "host": socket.gethostname()},
         "seed": options.seed,
         "samples": options.samples,
         "started": started,

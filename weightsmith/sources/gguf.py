@@ -428,7 +428,7 @@ def _entry(
     except (ValueError, KeyError):
         raise head.error(f"tensor {name!r}: unknown ggml type {raw_type}") from None
     # ggml keeps every dim, and the product of dims, within int64.
-    if any(d > _INT64_MAX for d in dims) or math.prod(max(d, 1) for d in dims) > _INT64_MAX:
+    if any(d > _INT64_MAX for d in dims) or -(-math.prod(max(d, 1) for d in dims) // block_size) * type_size > _INT64_MAX:
         raise head.error(f"tensor {name!r}: dims {dims} overflow int64")
     if dims[0] % block_size:
         raise head.error(

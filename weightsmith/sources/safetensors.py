@@ -18,6 +18,7 @@ from weightsmith.ranged import RangedReader
 from weightsmith.sources.base import Container, Segment, TensorEntry
 
 MAX_HEADER_BYTES = 100_000_000  # the reference library's limit
+_INT64_MAX = 2**63 - 1
 _TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
 
 
@@ -107,6 +108,10 @@ def _entry(name: str, info: object, container: int, data_start: int, where: str)
         raise WeightsmithError(where, f"tensor {name!r}: shape must be a list of non-negative integers")
     if not (_is_uint_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
         raise WeightsmithError(where, f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
+    # Like the reference: the element count must fit in 64 bits even when a dim is 0, and
+    # numpy/zarr hold at most 32 dims.
+    if len(shape) > 32 or math.prod(max(d, 1) for d in shape) * dtypes.itemsize(dtype) > _INT64_MAX:
+        raise WeightsmithError(where, f"tensor {name!r}: shape {shape} is too large to address")
     expected = math.prod(shape) * dtypes.itemsize(dtype)
     if offsets[1] - offsets[0] != expected:
         raise WeightsmithError(

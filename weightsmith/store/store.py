@@ -39,7 +39,9 @@ class Store:
     # -- addressing ------------------------------------------------------------------------
     def path(self, key: str) -> str:
         """The fsspec path of `key`."""
-        assert not key.startswith("/") and ".." not in key.split("/"), key
+        parts = key.split("/")
+        if key.startswith("/") or ".." in parts or "\\" in key or "\x00" in key:
+            raise WeightsmithError(self.url, f"key {key!r} is not a key inside the store")
         return f"{self.root}/{key}" if key else self.root
 
     def url_of(self, key: str) -> str:

@@ -114,7 +114,7 @@ class EmbeddingSimilarity(Evaluator):
         import torch
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(entry.folder, local_files_only=True, dtype=torch.float32)
+        model = AutoModel.from_pretrained(entry.folder, local_files_only=True, dtype=torch.float32, use_safetensors=True)
         model.to(self.device).eval()
         out = []
         with torch.inference_mode():

@@ -66,7 +66,7 @@ class LmPerplexity(Evaluator):
 
         model = AutoModelForCausalLM.from_pretrained(
             entry.folder, local_files_only=True, dtype=torch.float32
-        )
+        , use_safetensors=True)
         model.to(self.device).eval()
         context_length = getattr(model.config, "max_position_embeddings", None) or cfg.window
         w = min(cfg.window, int(context_length))
