@@ -7,9 +7,12 @@ import torch or diffusers for the diffusion generators.
 from __future__ import annotations
 
 import importlib
+import threading
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.generators.base import Generator
+
+_IMPORT_LOCK = threading.Lock()
 
 GENERATORS: dict[str, str] = {
     "gaussian": "weightsmith.generators.gaussian:Gaussian",
@@ -34,6 +37,9 @@ def get(name: str) -> type[Generator]:
             f"generator {name!r}", f"unknown (choose from {', '.join(GENERATORS)})"
         )
     module, cls = GENERATORS[name].split(":")
-    generator = getattr(importlib.import_module(module), cls)
+    # diffusers/transformers import lazily and are not safe to import from two threads at once
+    # (flows run tasks in threads): "cannot import name 'DDIMScheduler'" was seen here.
+    with _IMPORT_LOCK:
+        generator = getattr(importlib.import_module(module), cls)
     assert generator.name == name, (name, generator.name)
     return generator

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from weightsmith.errors import WeightsmithError
+
+_IMPORT_LOCK = threading.Lock()
 
 EVALUATORS: dict[str, str] = {
     "lm-perplexity": "weightsmith.vet.lm_perplexity:LmPerplexity",
@@ -195,7 +198,10 @@ def get(name: str) -> type[Evaluator]:
             f"evaluator {name!r}", f"unknown (choose from {', '.join(EVALUATORS)})"
         )
     module, cls = EVALUATORS[name].split(":")
-    evaluator = getattr(importlib.import_module(module), cls)
+    # diffusers/transformers import lazily and are not safe to import from two threads at once
+    # (flows run tasks in threads): "cannot import name 'DDIMScheduler'" was seen here.
+    with _IMPORT_LOCK:
+        evaluator = getattr(importlib.import_module(module), cls)
     assert evaluator.name == name, (name, evaluator.name)
     return evaluator
 

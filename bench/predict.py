@@ -1,0 +1,412 @@
+"""Benchmark: generated float32 bytes per second of tile-diffusion and zoo-diffusion vs. img2img.
+
+    .venv/bin/python bench/predict.py [--quick] [--device cpu|cuda] [--sizes 512 2000]
+                                      [--out DIR] [--json FILE]
+
+All three generators draw whole tensors of the same shape (float32, so the same bytes per
+sample) on the same device, in one run:
+
+- img2img:        `weightsmith.generators.img2img` with a pipeline of Stable Diffusion 1.5's
+                  architecture and sizes (random init from `build_sd15_like`: the real model's
+                  compute), 512 x 512 pixel tiles, steps 3 at strength 1.0, so int(3 * 1.0) = 3
+                  denoising steps run per tile, plus the text encoder and the VAE;
+- tile-diffusion: fitted (small config) on one "real-ish" tensor, then sampling whole tensors;
+- zoo-diffusion:  fitted on a zoo of K = 64 checkpoints (the same real-ish base plus a low-rank
+                  random walk), then sampling n = 64 tensors in one batch.
+
+Each generator runs in a fresh child process that fits (timed, reported apart), loads and
+warms up untimed, then times `Generator.sample` alone: throughput = samples x tensor bytes /
+sample seconds. The ratio to img2img is the point. Targets: zoo-diffusion >= 1000x and
+tile-diffusion >= 10x img2img's bytes per second. This checks speed only; the quality of the
+samples (held-out loss of the assembled model, novelty) is in the demo's vetting report.
+
+The Stable-Diffusion-sized pipeline (about 4.3 GB of float32) is built once, in about a
+minute, into --out/sd15 (git-ignored); img2img is skipped with a note when the disk has less
+than 6 GB free for it. On CPU, one 512 x 512 img2img sample takes 40-60 s on 2 cores.
+`--device cuda` (when CUDA is available) also runs 2000 x 2000 tensors. Nothing here asserts
+wall time, and the exit status is 0 whether the targets pass or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+SD15_BYTES = 4_400 * c.MB  # the built pipeline on disk (float32)
+SD15_NEED_FREE = 6_000 * c.MB  # skip img2img below this much free disk (when not built yet)
+TARGETS = {"zoo-diffusion": 1000.0, "tile-diffusion": 10.0}  # x img2img bytes per second
+ZOO_K = 64
+IMG2IMG = {"steps": 3, "strength": 1.0, "image_size": 512, "batch_size": 8, "dtype": "float32"}
+# fits: (default, --quick); tile-diffusion's default is the full demo's config
+TILE_FIT = (
+    {"ae_train_steps": 120, "unet_train_steps": 240, "batch_size": 32},
+    {"ae_train_steps": 30, "unet_train_steps": 60, "batch_size": 16},
+)
+ZOO_FIT = ({"ae_steps": 600, "ddpm_steps": 1200}, {"ae_steps": 150, "ddpm_steps": 300})
+# n drawn by the timed call on CPU; on a GPU img2img and tile-diffusion draw 4x as many
+SAMPLES = {"img2img": 1, "tile-diffusion": 4, "zoo-diffusion": 64}
+METHODS = ("img2img", "tile-diffusion", "zoo-diffusion")
+
+
+# ---------------------------------------------------------------------------------------------
+# data: deterministic from the seed, so every child builds the same tensors
+def realish(rows: int, cols: int, seed: int = 0):
+    """A tensor with the structure of a trained weight matrix (float32, std 0.02).
+
+    Low rank with a power-law spectrum, heavy-tailed (Student t, 4 dof) noise, and per-row and
+    per-column scales, as trained linear layers show.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rank = max(1, min(rows, cols) // 8)
+    spectrum = np.arange(1, rank + 1) ** -0.7
+    u = rng.standard_normal((rows, rank), dtype=np.float32) * spectrum.astype(np.float32)
+    v = rng.standard_normal((rank, cols), dtype=np.float32)
+    w = (u @ v) / math.sqrt(float((spectrum**2).sum()))
+    w += 0.5 * rng.standard_t(4, (rows, cols)).astype(np.float32)
+    w *= np.exp(0.3 * rng.standard_normal((rows, 1))).astype(np.float32)
+    w *= np.exp(0.2 * rng.standard_normal((1, cols))).astype(np.float32)
+    return (w * (0.02 / w.std())).astype(np.float32)
+
+
+def zoo(rows: int, cols: int, k: int = ZOO_K, seed: int = 0, rank: int = 8):
+    """(k, rows, cols): the real-ish base plus a rank-`rank` random walk, plus a little noise.
+
+    Checkpoint j is base + U C_j V with U (rows, r) and V (r, cols) fixed and C_j (r, r) a
+    Gaussian random walk; each step moves the weights by about 2% of their std, and iid noise
+    of 0.5% of it is added, like a zoo of checkpoints saved along one training run.
+    """
+    import numpy as np
+
+    base = realish(rows, cols, seed)
+    scale = float(base.std())
+    rng = np.random.default_rng(seed + 1)
+    u = rng.standard_normal((rows, rank), dtype=np.float32) / math.sqrt(rank)
+    v = rng.standard_normal((rank, cols), dtype=np.float32) / math.sqrt(rank)
+    walk = np.zeros((rank, rank), dtype=np.float32)
+    out = np.empty((k, rows, cols), dtype=np.float32)
+    for j in range(k):
+        walk += rng.standard_normal((rank, rank), dtype=np.float32) * (0.02 * scale)
+        out[j] = base + u @ walk @ v
+        out[j] += rng.standard_normal((rows, cols), dtype=np.float32) * (0.005 * scale)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the child side
+def child(spec: dict) -> None:
+    import numpy as np
+    import torch
+
+    from weightsmith.generators.base import Examples, SampleSpec
+    from weightsmith.generators.registry import get
+    from weightsmith.generators.zoo_diffusion import _CPU_THREADS
+
+    method, size, device, n = spec["method"], spec["size"], spec["device"], spec["n"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    shape = (size, size)
+    config = spec["config"]
+    values = zoo(size, size) if method == "zoo-diffusion" else realish(size, size)[None]
+    examples = Examples("bench.weight", values)
+    gen = get(method)(device=device)
+    rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
+
+    t0 = time.perf_counter()
+    state = gen.fit(examples, config)
+    fit_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()  # untimed: load the pipeline (img2img) or run a warm-up sample
+    if method == "img2img":
+        gen._pipeline(config["model_dir"], config.get("dtype", "float32"), device)
+    if spec.get("warmup"):
+        gen.sample(state, 1, SampleSpec(shape), seed=12345)
+    prepare_seconds = time.perf_counter() - t0
+
+    cpu_sample = c.cpu_seconds()
+    t0 = time.perf_counter()
+    result = gen.sample(state, n, SampleSpec(shape), seed=1)
+    seconds = time.perf_counter() - t0
+    cpu_sample = c.cpu_seconds() - cpu_sample
+
+    samples = np.stack(result.arrays)
+    ref = values.reshape(-1, *shape)
+    c.report_child(
+        seconds,
+        rss_start,
+        cpu_start,
+        sample_cpu_seconds=cpu_sample,
+        fit_seconds=fit_seconds,
+        prepare_seconds=prepare_seconds,
+        n=n,
+        bytes=int(samples.nbytes),
+        devices=sorted(set(result.devices)),
+        threads=_CPU_THREADS
+        if method == "zoo-diffusion" and torch.device(device).type == "cpu"
+        else torch.get_num_threads(),
+        finite=bool(np.isfinite(samples).all()),
+        std_ratio=float(samples.std() / ref.std()),
+        # distance of each sample to its nearest example, relative to the examples' norm
+        nearest=float(
+            np.median([min(np.linalg.norm(s - r) for r in ref[:ZOO_K]) / np.linalg.norm(ref[0]) for s in samples[:8]])
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent side
+def sd15_dir(out: Path) -> tuple[Path | None, str]:
+    """The built SD-1.5-sized pipeline (built now if missing), or None and why not."""
+    folder = out / "sd15"
+    if (folder / "model_index.json").is_file() and (folder / "unet").is_dir():
+        return folder, "cached"
+    free = c.disk(out)["free_bytes"]
+    if free < SD15_NEED_FREE:
+        return None, (
+            f"img2img SKIPPED: building the SD-1.5-sized pipeline needs ~"
+            f"{SD15_NEED_FREE / 1e9:.0f} GB free disk, {free / 1e9:.1f} GB free at {out}"
+        )
+    partial = out / "sd15.partial"
+    c.remove(partial)
+    print(f"building {folder} (SD 1.5 architecture, random init, ~4.3 GB; cached) ...", flush=True)
+    t0 = time.perf_counter()
+    code = (
+        "import sys; from pathlib import Path; "
+        "from weightsmith.tiny_pipelines import build_sd15_like; "
+        "build_sd15_like(Path(sys.argv[1]))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(partial)], check=True, cwd=c.ROOT)
+    partial.rename(folder)
+    return folder, f"built in {time.perf_counter() - t0:.0f}s"
+
+
+def specs(size: int, device: str, quick: bool, sd15: Path | None, img2img_threads: int = 2) -> list[dict]:
+    q = 1 if quick else 0
+    cpu = device == "cpu"
+    out = []
+    if sd15 is not None:
+        out.append(
+            {
+                "method": "img2img",
+                "config": {**IMG2IMG, "model_dir": str(sd15)},
+                "n": SAMPLES["img2img"] if cpu else 4 * SAMPLES["img2img"],
+                "warmup": not cpu,  # a warm-up costs a whole sample on CPU (40-60 s)
+                "threads": img2img_threads if cpu else None,
+            }
+        )
+    out.append(
+        {
+            "method": "tile-diffusion",
+            "config": TILE_FIT[q],
+            "n": SAMPLES["tile-diffusion"] if cpu else 4 * SAMPLES["tile-diffusion"],
+            "warmup": True,
+            # small networks: 1 thread, as the demo runs them (2 threads measured 5-8x slower
+            # for its fit and sampling on this 2-core machine under load)
+            "threads": 1 if cpu else None,
+        }
+    )
+    out.append(
+        {
+            "method": "zoo-diffusion",
+            "config": ZOO_FIT[q],
+            "n": SAMPLES["zoo-diffusion"],
+            "warmup": True,
+            "threads": None,  # the library runs it on 1 thread on CPU (small networks)
+        }
+    )
+    for s in out:
+        s.update(size=size, device=device)
+    return out
+
+
+def size_table(rows: dict[str, dict]) -> str:
+    ref = rows.get("img2img")
+    ref_bps = ref["bytes"] / ref["seconds"] if ref else None
+    ref_bpc = ref["bytes"] / ref["sample_cpu_seconds"] if ref else None
+    out = []
+    for method in METHODS:
+        r = rows.get(method)
+        if r is None:
+            continue
+        bps = r["bytes"] / r["seconds"]
+        out.append(
+            [
+                method,
+                f"{r['fit_seconds']:.1f}",
+                f"{r['prepare_seconds']:.1f}",
+                r["n"],
+                f"{r['seconds']:.2f}",
+                f"{r['sample_cpu_seconds']:.1f}",
+                c.fmt_mb(r["bytes"]),
+                f"{bps / c.MB:,.3f}",
+                c.fmt_ratio(bps / ref_bps) if ref_bps else "",
+                c.fmt_ratio(r["bytes"] / max(r["sample_cpu_seconds"], 1e-3) / ref_bpc) if ref_bpc else "",
+                r["threads"],
+                c.fmt_mb(r["rss_bytes"]),
+                f"{r['std_ratio']:.2f}" + ("" if r["finite"] else " NaN!"),
+                f"{r['nearest']:.3f}",
+            ]
+        )
+    return c.table(
+        [
+            "generator",
+            "fit s",
+            "load s",
+            "n",
+            "sample s",
+            "CPU s",
+            "MB out",
+            "MB/s",
+            "x img2img",
+            "x img2img CPU",
+            "threads",
+            "peak RSS MB",
+            "std ratio",
+            "nearest",
+        ],
+        out,
+        "lrrrrrrrrrrrrr",
+    )
+
+
+def verdicts(size: int, device: str, rows: dict[str, dict]) -> list[tuple[str | None, str, str]]:
+    """(PASS/FAIL or None for a skip, target, detail) per generator with a target."""
+    out = []
+    ref = rows.get("img2img")
+    for method, target in TARGETS.items():
+        label = f"{size}x{size} {device}: {method} >= {target:g}x img2img bytes/s"
+        r = rows.get(method)
+        if r is None or ref is None:
+            why = "img2img not measured" if ref is None else f"{method} not measured"
+            out.append((None, label, why))
+            continue
+        ratio = (r["bytes"] / r["seconds"]) / (ref["bytes"] / ref["seconds"])
+        cpu_ratio = (r["bytes"] / max(r["sample_cpu_seconds"], 1e-3)) / (ref["bytes"] / ref["sample_cpu_seconds"])
+        out.append(
+            (
+                "PASS" if ratio >= target else "FAIL",
+                label,
+                f"{ratio:,.1f}x ({r['bytes'] / r['seconds'] / c.MB:,.3f} vs "
+                f"{ref['bytes'] / ref['seconds'] / c.MB:,.4f} MB/s; per CPU second "
+                f"{cpu_ratio:,.1f}x)",
+            )
+        )
+    return out
+
+
+def cuda_available() -> bool:
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", code], cwd=c.ROOT).returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller fits (img2img is unchanged)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where all three run; cuda also runs 2000x2000 (default: cpu)",
+    )
+    p.add_argument("--sizes", type=int, nargs="+", help="tensor sides (default: 512; cuda: 512 2000)")
+    p.add_argument(
+        "--img2img-threads",
+        type=int,
+        default=2,
+        help="torch threads of img2img on CPU (default: 2; tile-diffusion uses 1, zoo-diffusion the library's 1)",
+    )
+    p.add_argument("--out", type=Path, default=c.DEFAULT_OUT, help="work folder (bench/out)")
+    p.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    machine, disk = c.machine(), c.disk(out)
+    print(c.describe(machine, disk))
+    device = args.device
+    if device == "cuda" and not cuda_available():
+        print("--device cuda: CUDA is not available here; running on cpu instead")
+        device = "cpu"
+    print(f"device:  {device}" + ("" if device != "cpu" else " (GPU: none used)"))
+    sizes = args.sizes or ([512, 2000] if device == "cuda" else [512])
+    print(
+        "method:  each generator in a fresh child process; fit timed apart, then the pipeline\n"
+        "         is loaded (img2img) or one warm-up sample drawn (diffusion generators, and\n"
+        "         img2img on GPU) untimed; 'sample s' times Generator.sample(n) alone, and\n"
+        "         MB/s = n x tensor bytes / sample s. img2img: SD-1.5-sized random pipeline,\n"
+        f"         {IMG2IMG['image_size']} px tiles, steps {IMG2IMG['steps']} x strength "
+        f"{IMG2IMG['strength']} = {int(IMG2IMG['steps'] * IMG2IMG['strength'])} denoising "
+        "steps, float32.\n"
+        "         'std ratio' = std of the samples / std of the examples; 'nearest' = median\n"
+        "         distance of a sample to its nearest example / the example's norm (img2img at\n"
+        "         strength 1 redraws from pure noise). 'threads': torch threads on CPU: img2img\n"
+        "         --img2img-threads (2), tile-diffusion 1 (as the demo), zoo-diffusion 1 (its own\n"
+        "         setting). 'x img2img CPU' compares bytes per CPU second (user + system,\n"
+        "         all threads), less sensitive to other work on a shared machine than wall time.\n"
+        "         Quality is NOT measured here: see the demo's vetting report (`weightsmith\n"
+        "         demo`: held-out loss and novelty per entry).\n"
+        f"fits:    {'--quick' if args.quick else 'default'}: tile-diffusion "
+        f"{TILE_FIT[int(args.quick)]}, zoo-diffusion K={ZOO_K} {ZOO_FIT[int(args.quick)]}\n",
+        flush=True,
+    )
+    started = time.perf_counter()
+    sd15, note = sd15_dir(out)
+    print(f"img2img pipeline: {sd15 or '-'} ({note})\n", flush=True)
+    results: dict = {"machine": machine, "disk": disk, "device": device, "sizes": {}}
+    for size in sizes:
+        load_before = c.load()
+        print(f"== {size}x{size} float32 tensor ({size * size * 4 / c.MB:.2f} MB), {device}")
+        rows: dict[str, dict] = {}
+        for spec in specs(size, device, args.quick, sd15, args.img2img_threads):
+            print(f"  {spec['method']} ...", end=" ", flush=True)
+            try:
+                r = c.run_child(SCRIPT, spec, timeout=3600)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"FAILED to run: {str(e).strip().splitlines()[-1]}", flush=True)
+                continue
+            rows[spec["method"]] = r
+            print(
+                f"fit {r['fit_seconds']:.1f}s, sample n={r['n']} in {r['seconds']:.2f}s "
+                f"({r['bytes'] / r['seconds'] / c.MB:,.3f} MB/s)",
+                flush=True,
+            )
+        load_after = c.load()
+        print(f"before: {load_before}; after: {load_after}")
+        print(size_table(rows))
+        checks = verdicts(size, device, rows)
+        for verdict, label, detail in checks:
+            print(f"{verdict or 'SKIP'}  {label}: {detail}")
+        print(flush=True)
+        results["sizes"][size] = {
+            "rows": rows,
+            "load": [load_before, load_after],
+            "targets": [{"target": t, "verdict": v, "detail": d} for v, t, d in checks],
+        }
+    print(
+        "quality: not measured by this benchmark; the demo's vetting report shows it "
+        "(`weightsmith demo`, report.md per layer group)"
+    )
+    print(f"benchmark took {time.perf_counter() - started:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
