@@ -202,7 +202,9 @@ class Store:
             from botocore.config import Config
 
             opts = s3_options()
-            self._s3_client = boto3.client(
+            # A session of its own: boto3's default session keeps the first credentials it found,
+            # so a later change of the AWS variables (another identity, rotated keys) was ignored.
+            self._s3_client = boto3.session.Session().client(
                 "s3",
                 endpoint_url=opts["client_kwargs"].get("endpoint_url"),
                 region_name=opts["client_kwargs"].get("region_name"),
