@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from weightsmith.model import ModelRef
@@ -31,7 +33,10 @@ def publish_model_artifacts(model: ModelRef, manifest: dict, seconds: float, sta
                           description=f"Tensors of {model.slug} @ {model.revision}")
     size = model.store.size(model.prefix)
     previews = [r for r in tensors if "png" in r["artifacts"]][:max_previews]
-    links = "\n".join(f"- [{r['name']}]({model.store.presign(r['artifacts']['png'])})" for r in previews)
+    # A presigned URL carries the session token of temporary credentials: then link the keys.
+    tokened = model.store.protocol == "s3" and bool(os.environ.get("AWS_SESSION_TOKEN"))
+    link = (lambda key: model.store.url_of(key)) if tokened else model.store.presign
+    links = "\n".join(f"- [{r['name']}]({link(r['artifacts']['png'])})" for r in previews)
     create_markdown_artifact(
         key=f"summary-{key}",
         markdown=(

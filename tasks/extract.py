@@ -22,9 +22,19 @@ _POLICY = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_f
                retry_condition_fn=storage_error, cache_policy=NO_CACHE, tags=["weightsmith", "extract"])
 
 
-@lru_cache(maxsize=8)
 def _source(url: str) -> Source:
-    """Each worker process parses a source's headers once and reuses them for its units."""
+    """Each worker process parses a source's headers once per flow run and reuses them for its units.
+
+    Keyed by the flow run too: a later run in the same process (in-process runs, `serve`) must
+    see a replaced source object or a new endpoint, not the headers of an earlier run.
+    """
+    from prefect.runtime import flow_run
+
+    return _source_of_run(url, flow_run.id or "")
+
+
+@lru_cache(maxsize=8)
+def _source_of_run(url: str, run: str) -> Source:
     return open_source(url)
 
 

@@ -111,14 +111,12 @@ MALFORMED = {
         "unknown dtype 'F4X'",
     ),
     "overlapping": (
-        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-        b'"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}',
+        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}',
         bytes(12),
         "overlaps",
     ),
     "duplicate": (
-        b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
-        b'"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+        b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
         b"\0",
         "duplicate key 'w'",
     ),
@@ -293,8 +291,16 @@ def test_demo_tiny_runs_every_stage_end_to_end(home: Path, tmp_path: Path) -> No
         assert report, reports
         data = model.store.read_json(report[0])
         labels = {e["label"] for e in data["entries"]}
-        assert {"original", "zoo-diffusion", "tile-diffusion", "gaussian", "permute", "average",
-                "coord-gaussian", "pca-gaussian"} <= labels
+        assert {
+            "original",
+            "zoo-diffusion",
+            "tile-diffusion",
+            "gaussian",
+            "permute",
+            "average",
+            "coord-gaussian",
+            "pca-gaussian",
+        } <= labels
         assert any(label.startswith("noise(") for label in labels)
         assert data["verdicts"] and all(v["sentence"] for v in data["verdicts"])
         md = model.store.read_bytes(report[0].replace("report.json", "report.md")).decode()

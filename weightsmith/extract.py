@@ -537,8 +537,15 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
             written += result.written
         status = publish(model, build_manifest(model, source, options, files, records), options.force)
     except BaseException as e:
-        write_run(model, run_id, {**facts, "finished": time.time(), "outcome": "failed",
-                                  "error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
+        error = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+        try:
+            write_run(model, run_id, {**facts, "finished": time.time(), "outcome": "failed", "error": error})
+        except OSError:
+            pass  # the store refuses writes (disk full, read-only): the error below says so
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | ConnectionError | TimeoutError):
+            # Disk full, file-size limit, read-only file system: a user problem with the store.
+            reason = e.strerror or type(e).__name__
+            raise WeightsmithError(model.store.url, f"cannot write ({reason}); finished tensors are kept") from None
         raise
     write_run(model, run_id, {**facts, "finished": time.time(), "outcome": status,
                               "tensors": len(records), "bytes_read": source.bytes_read})

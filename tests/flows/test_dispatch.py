@@ -27,36 +27,67 @@ FIXTURE = "safetensors/diffusers_sd_pokemon_lora.safetensors"
 
 def dispatch(env: dict[str, str], model_url: str, **extra) -> dict:
     """Run the dispatcher flow in a fresh process, as a user would; returns its result."""
-    args = {"model_url": model_url, "layer": ["*mid_block*to_q*"], "generator": "gaussian", "images": "none", **extra}
-    code = ("import json, sys; from flows.predict import dispatch_predict; "
-            f"print('RESULT' + json.dumps(dispatch_predict(**json.loads({json.dumps(json.dumps(args))}))))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=400)
+    args = {
+        "model_url": model_url,
+        "layer": ["*mid_block*to_q*"],
+        "generator": "gaussian",
+        "images": "none",
+        **extra,
+    }
+    code = (
+        "import json, sys; from flows.predict import dispatch_predict; "
+        f"print('RESULT' + json.dumps(dispatch_predict(**json.loads({json.dumps(json.dumps(args))}))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def start_gpu_worker(stack, env: dict[str, str], home: Path) -> subprocess.Popen:
     """A `gpu`-pool worker (DEVICE=cpu), online in the API before this returns."""
     log = open(home / "gpu-worker.log", "w")  # noqa: SIM115 - closed with the process
     worker = subprocess.Popen(
-        [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", "gpu", "--type", "process",
-         "--name", "test-gpu", "--install-policy", "never"],
-        cwd=ROOT, env={**env, "DEVICE": "cpu", "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log, stderr=log,
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "worker",
+            "start",
+            "--pool",
+            "gpu",
+            "--type",
+            "process",
+            "--name",
+            "test-gpu",
+            "--install-policy",
+            "never",
+        ],
+        cwd=ROOT,
+        env={**env, "DEVICE": "cpu", "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        stdout=log,
+        stderr=log,
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
     import urllib.request
 
     while time.monotonic() < deadline:
-        req = urllib.request.Request(f"{stack.api_url}/work_pools/gpu/workers/filter", data=b"{}",
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as r:
+        req = urllib.request.Request(
+            f"{stack.api_url}/work_pools/gpu/workers/filter",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            req, timeout=10
+        ) as r:
             if any(w.get("status") == "ONLINE" for w in json.loads(r.read())):
                 return worker
         time.sleep(1)
-    pytest.fail("the gpu worker did not come online:\n" + (home / "gpu-worker.log").read_text()[-3000:])
+    pytest.fail(
+        "the gpu worker did not come online:\n" + (home / "gpu-worker.log").read_text()[-3000:]
+    )
 
 
 def test_dispatch_cpu_then_gpu_then_timeout_to_cpu(tmp_path, fixtures_dir, monkeypatch):
@@ -65,12 +96,25 @@ def test_dispatch_cpu_then_gpu_then_timeout_to_cpu(tmp_path, fixtures_dir, monke
     worker = None
     try:
         env = client_env(stack)
-        run([sys.executable, str(ROOT / "deployments" / "deploy.py"), "--only", "predict-layer/gpu",
-             "predict-layer/cpu"], env, timeout=300)
+        run(
+            [
+                sys.executable,
+                str(ROOT / "deployments" / "deploy.py"),
+                "--only",
+                "predict-layer/gpu",
+                "predict-layer/cpu",
+            ],
+            env,
+            timeout=300,
+        )
         use_stack_s3(monkeypatch, stack)
-        stack.client().upload_file(str(fixtures_dir / FIXTURE), stack.bucket, "src/lora/model.safetensors")
-        model_url = extract(f"s3://{stack.bucket}/src/lora/model.safetensors",
-                            ExtractOptions(store=stack.store, images="none")).model_url
+        stack.client().upload_file(
+            str(fixtures_dir / FIXTURE), stack.bucket, "src/lora/model.safetensors"
+        )
+        model_url = extract(
+            f"s3://{stack.bucket}/src/lora/model.safetensors",
+            ExtractOptions(store=stack.store, images="none"),
+        ).model_url
 
         on_cpu = dispatch(env, model_url)
         assert on_cpu["pool"] == "cpu", on_cpu
