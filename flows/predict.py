@@ -120,7 +120,10 @@ def _run_on(pool: str, params: dict, timeout: float | None) -> str:
 
     Returns the final state type ("COMPLETED", "FAILED", ...) or "TIMED_OUT".
     """
-    run = run_deployment(DEPLOYMENTS[pool], parameters=params, timeout=timeout, as_subflow=True)
+    # Prefect's sync run_deployment sleeps a whole poll_interval (5 s by default) before it looks at
+    # the timeout again, so a short timeout would silently wait 5 s: poll at a quarter of it.
+    poll = 5.0 if timeout is None else min(5.0, max(0.05, timeout / 4))
+    run = run_deployment(DEPLOYMENTS[pool], parameters=params, timeout=timeout, poll_interval=poll, as_subflow=True)
     state = run.state
     if state is not None and state.is_final():
         return "COMPLETED" if state.is_completed() else state.type.value

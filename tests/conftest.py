@@ -269,11 +269,3 @@ def http_server(_http_server_session: RangeHTTPServer, tmp_path: Path) -> Iterat
     server.reset()
     yield server
     server.reset()
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the fault-injection tests last. They stop and restart servers and kill processes; in
-    a clean-clone CI run two later tests (tests/flows: dispatcher, credentials block) failed
-    after them and passed without them. The interaction is not understood yet (see the
-    closing note of session 1); until it is, nothing runs after them."""
-    items.sort(key=lambda item: "/faults/" in str(item.fspath))

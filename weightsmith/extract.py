@@ -13,10 +13,12 @@ The stages, each usable on its own (the Prefect flow maps over them):
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import os
 import platform
+import shutil
 import socket
 import time
 import uuid
@@ -500,6 +502,27 @@ def stored_records(source: Source, model: ModelRef, units: tuple[WorkUnit, ...])
     return records
 
 
+def os_error_reason(e: OSError, store: Store) -> str:
+    """The errno text of `e` or of the OSError it wraps ("No space left on device"), else its message.
+
+    Some writers raise OSErrors built from a message only (a short write), so when nothing in the
+    chain has an errno and the local store's disk is full, that is the reason given.
+    """
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and (seen.strerror or seen.errno):
+            return seen.strerror or os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    if store.protocol == "file":
+        try:
+            if shutil.disk_usage(store.root).free < 1 << 20:
+                return f"{os.strerror(errno.ENOSPC)}: {text}"
+        except OSError:
+            pass
+    return text
+
+
 def run_facts(run_id: str, kind: str, options: BaseModel, source_url: str) -> dict:
     """Run facts for runs/<run-id>.json (times and host: never in the manifest)."""
     return {"run_id": run_id, "kind": kind, "started": time.time(), "host": socket.gethostname(),
@@ -544,7 +567,7 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
             pass  # the store refuses writes (disk full, read-only): the error below says so
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | ConnectionError | TimeoutError):
             # Disk full, file-size limit, read-only file system: a user problem with the store.
-            reason = e.strerror or type(e).__name__
+            reason = os_error_reason(e, model.store)
             raise WeightsmithError(model.store.url, f"cannot write ({reason}); finished tensors are kept") from None
         raise
     write_run(model, run_id, {**facts, "finished": time.time(), "outcome": status,
