@@ -17,8 +17,8 @@ from flows.artifacts import publish_model_artifacts
 from flows.runners import make_runner
 from tasks import extract as t
 from tasks.credentials import use_credentials
-from weightsmith import state
-from weightsmith.extract import ExtractOptions, new_run_id, run_facts
+from weightsmith import lease, state
+from weightsmith.extract import ExtractOptions, new_run_id, run_facts, with_generation
 from weightsmith.model import parse_model_url
 
 
@@ -32,6 +32,7 @@ def extract_model(
     exclude: list[str] | None = None,
     images: str = "all",
     force: bool = False,
+    wait_s: float = 0.0,
     unit_bytes: int = 64_000_000,
     credentials: str | None = None,
 ) -> str:
@@ -46,7 +47,7 @@ def extract_model(
     bucket_url = use_credentials(credentials)
     options = ExtractOptions(store=store or bucket_url or state.default_store(), name=name, revision=revision,
                              include=tuple(include or ()), exclude=tuple(exclude or ()),
-                             images=images, force=force, unit_bytes=unit_bytes)
+                             images=images, force=force, wait_s=wait_s, unit_bytes=unit_bytes)
     the_plan = t.prepare(source, options, credentials)
     log.info("%d work units, %d source bytes to read", len(the_plan.units), the_plan.total_bytes)
 
@@ -58,31 +59,36 @@ def extract_model(
     model_url = resolved["model_url"]
 
     progress_id = create_progress_artifact(progress=0.0, description=f"extract {model_url}")
-    facts = run_facts(new_run_id(), "extract-flow", options, source)
-    futures = [
-        t.extract_unit.submit(source, model_url, unit, options,
-                              None if checksums is None else {n: checksums[n] for n in unit.raw},
-                              credentials)
-        for unit in the_plan.units
-    ]
-    done_bytes, written, failed = 0, 0, []
-    sizes = {f.task_run_id: u.nbytes for f, u in zip(futures, the_plan.units, strict=True)}
-    for future in as_completed(futures):
-        try:
-            written += future.result()
-        except Exception as e:  # the unit failed after its retries; the others go on
-            failed.append(e)
-        done_bytes += sizes[future.task_run_id]
-        update_progress_artifact(progress_id, progress=100.0 * done_bytes / max(1, sum(sizes.values())))
-    facts["written"] = written
-    if failed:
-        # Finished units stay in the store for the next run; no manifest is written.
-        error = (str(failed[0]).splitlines() or [type(failed[0]).__name__])[0][:500]
-        t.record_run(model_url, {**facts, "outcome": "failed", "error": error,
-                                 "failed_units": len(failed)}, credentials)
-        raise failed[0]  # the flow run fails with the first unit's error
-    outcome = t.publish(source, model_url, resolved["files"], the_plan, options, facts, credentials)
+    run_id = new_run_id()
+    facts = run_facts(run_id, "extract-flow", options, source)
     model = parse_model_url(model_url)
+    # This flow run is the model's only writer until it ends (a second run fails with one line).
+    with lease.acquire(model, run_id, options.wait_s) as held:
+        options = with_generation(model, options, run_id)
+        futures = [
+            t.extract_unit.submit(source, model_url, unit, options,
+                                  None if checksums is None else {n: checksums[n] for n in unit.raw},
+                                  credentials)
+            for unit in the_plan.units
+        ]
+        done_bytes, written, failed = 0, 0, []
+        sizes = {f.task_run_id: u.nbytes for f, u in zip(futures, the_plan.units, strict=True)}
+        for future in as_completed(futures):
+            try:
+                written += future.result()
+            except Exception as e:  # the unit failed after its retries; the others go on
+                failed.append(e)
+            done_bytes += sizes[future.task_run_id]
+            update_progress_artifact(progress_id, progress=100.0 * done_bytes / max(1, sum(sizes.values())))
+        facts["written"] = written
+        if failed:
+            # Finished units stay in the store for the next run; no manifest is written.
+            error = (str(failed[0]).splitlines() or [type(failed[0]).__name__])[0][:500]
+            t.record_run(model_url, {**facts, "outcome": "failed", "error": error,
+                                     "failed_units": len(failed)}, credentials)
+            raise failed[0]  # the flow run fails with the first unit's error
+        held.check()
+        outcome = t.publish(source, model_url, resolved["files"], the_plan, options, facts, credentials)
     publish_model_artifacts(model, model.manifest(), time.time() - started, outcome["status"])
     log.info("%s: %s (%d tensors written)", outcome["status"], model_url, written)
     return model_url

@@ -77,7 +77,7 @@ def publish(source_url: str, model_url: str, files: dict, the_plan: lib.ExtractP
     use_credentials(credentials)
     source = _source(source_url)
     model = parse_model_url(model_url)
-    records = lib.stored_records(source, model, the_plan.units)
+    records = lib.stored_records(source, model, the_plan.units, options.generation)
     manifest = lib.build_manifest(model, source, options, files, records)
     status = lib.publish(model, manifest, options.force)
     lib.write_run(model, facts["run_id"], {**facts, "finished": time.time(), "outcome": status,

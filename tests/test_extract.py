@@ -24,6 +24,7 @@ from weightsmith.extract import ExtractOptions, ExtractResult, extract
 from weightsmith.model import MANIFEST, ModelRef, parse_model_url
 from weightsmith.restore import restore
 from weightsmith.store import Store, arrays
+from weightsmith.store.store import dumps
 from weightsmith.verify import verify
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -347,15 +348,18 @@ def test_failure_midway_keeps_finished_tensors_and_resumes(
     assert verify(resumed.model_url).ok
 
 
-def test_force_rewrites_everything_and_keeps_the_manifest(
-    fixtures_dir: Path, tmp_path: Path
-) -> None:
+def test_force_rewrites_everything_into_a_new_generation(fixtures_dir: Path, tmp_path: Path) -> None:
+    """--force on a published model rebuilds it beside the published one (generations/<run>/)
+    and then switches the manifest: the same content, only the artifact keys moved."""
     store = str(tmp_path / "store")
     first = extract(str(fixtures_dir / MINICPM), ExtractOptions(store=store))
     manifest = manifest_bytes(first)
     forced = extract(str(fixtures_dir / MINICPM), ExtractOptions(store=store, force=True))
-    assert (forced.written, forced.skipped, forced.status) == (15, 0, "unchanged")
-    assert manifest_bytes(forced) == manifest
+    assert (forced.written, forced.skipped, forced.status) == (15, 0, "replaced")
+    moved = json.loads(manifest_bytes(forced))
+    assert moved.pop("generation") == forced.run_id
+    assert dumps(moved).replace(f"/generations/{forced.run_id}/".encode(), b"/") == manifest
+    assert verify(forced.model_url).ok
 
 
 def test_changed_manifest_needs_force(fixtures_dir: Path, tmp_path: Path) -> None:

@@ -214,15 +214,17 @@ def test_gc_removes_stale_artifacts_inside_a_complete_model(tmp_path: Path) -> N
     store = tmp_path / "store"
     first = complete(store, MINICPM, name="m", images="all")
     model = parse_model_url(first.model_url)
-    # A forced re-run with other options: the TIFFs and PNGs of the first run are now stale.
+    # A forced re-run with other options writes a new generation and switches the manifest to
+    # it: every array, TIFF and PNG of the first run is now stale.
     again = extract(str(MINICPM), ExtractOptions(store=str(store), name="m", images="none", force=True))
     assert again.status == "replaced"
     root = model_dir(model)
-    referenced = snapshot(root / "tensors")
-    shutil.copytree(next((root / "tensors").iterdir()), root / "tensors" / "stale.zarr")
+    generation = root / "generations" / again.run_id
+    referenced = snapshot(generation / "tensors")
+    shutil.copytree(next((generation / "tensors").iterdir()), generation / "tensors" / "stale.zarr")
     stale = {
-        "images": sorted(f"{model.prefix}/images/{p.name}" for p in (root / "images").iterdir()),
-        "previews": sorted(f"{model.prefix}/previews/{p.name}" for p in (root / "previews").iterdir()),
+        d: sorted(f"{model.prefix}/{d}/{p.name}" for p in (root / d).iterdir())
+        for d in ("tensors", "images", "previews")
     }
     extra = {
         "files/.config.json.0123456789ab.tmp": "staging leftover",
@@ -250,8 +252,8 @@ def test_gc_removes_stale_artifacts_inside_a_complete_model(tmp_path: Path) -> N
 
     report = gc(model.store, dry_run=False, older_than_s=0)
 
-    expected = {k: "not in the manifest" for k in stale["images"] + stale["previews"]}
-    expected[f"{model.prefix}/tensors/stale.zarr"] = "not in the manifest"
+    expected = {k: "not in the manifest" for k in stale["tensors"] + stale["images"] + stale["previews"]}
+    expected[f"{model.prefix}/generations/{again.run_id}/tensors/stale.zarr"] = "not in the manifest"
     for key, reason in extra.items():
         if reason == "unfinished prediction":
             expected[model.key("predictions/unfinished")] = reason
@@ -268,8 +270,8 @@ def test_gc_removes_stale_artifacts_inside_a_complete_model(tmp_path: Path) -> N
     for key, reason in extra.items():
         assert model.store.exists(model.key(key)) == (reason is None), key
     assert model.store.exists("catalog.json") and model.store.exists(model.key("runs"))
-    assert {k: v for k, v in snapshot(root / "tensors").items() if not k.startswith("stale")} == referenced
-    assert not (root / "images").exists() and not (root / "previews").exists()
+    assert snapshot(generation / "tensors") == referenced
+    assert not any((root / d).exists() for d in ("tensors", "images", "previews"))
     assert verify(first.model_url).ok
     restore(first.model_url, str(tmp_path / "out.safetensors"))
     assert (tmp_path / "out.safetensors").read_bytes() == MINICPM.read_bytes()

@@ -107,6 +107,7 @@ def extract(
     exclude: Annotated[list[str] | None, typer.Option(help="Glob over tensor names to skip.")] = None,
     images: Annotated[str, typer.Option(help="all: TIFF + PNG; preview: PNG; none.")] = "all",
     force: Annotated[bool, typer.Option(help="Rewrite artifacts that are already there.")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for another run of the same model.")] = 0.0,
     no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Call the library directly.")] = False,
     task_runner: Annotated[str, typer.Option(help="threads, processes or dask.")] = "threads",
     workers: Annotated[int, typer.Option(help="Units extracted at once.")] = 4,
@@ -118,7 +119,8 @@ def extract(
     from weightsmith.extract import extract as run_extract
 
     options = _options(ExtractOptions, store=store or state.default_store(), name=name, revision=revision,
-                       include=tuple(include or ()), exclude=tuple(exclude or ()), images=images, force=force)
+                       include=tuple(include or ()), exclude=tuple(exclude or ()), images=images, force=force,
+                       wait_s=wait)
     if no_prefect:
         with byte_progress("extract") as (advance, set_total):
             result = run_extract(source, options, progress=advance, total=set_total)
@@ -132,7 +134,8 @@ def extract(
     prepare(source, options)  # bad input fails here, before a flow run exists
     flow = _flow("extract", task_runner, workers, dask_address)
     model_url = flow(source=source, store=options.store, name=name, revision=revision,
-                     include=list(options.include), exclude=list(options.exclude), images=images, force=force)
+                     include=list(options.include), exclude=list(options.exclude), images=images, force=force,
+                     wait_s=wait)
     if as_json:
         out.print_json(json.dumps({"model_url": model_url}))
     else:

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from weightsmith import __version__, dtypes, images
+from weightsmith import __version__, dtypes, images, lease
 from weightsmith.artifacts import write_images
 from weightsmith.errors import WeightsmithError
 from weightsmith.model import MANIFEST, MANIFEST_FORMAT, ModelRef, slugify
@@ -54,6 +54,9 @@ class ExtractOptions(BaseModel):
     exclude: tuple[str, ...] = ()  # glob patterns over tensor names to leave out
     images: Literal["all", "preview", "none"] = "all"  # TIFF + PNG, PNG only, or neither
     force: bool = False  # rewrite artifacts that are already there
+    wait_s: float = Field(0.0, ge=0)  # wait this long for another run of the same model to finish
+    # Set by the run, not the user: the folder a forced run of a published model writes into.
+    generation: str | None = None
     block_bytes: int = Field(64_000_000, ge=1 << 16)  # tensors above this stream in row blocks
     unit_bytes: int = Field(64_000_000, ge=1)  # small tensors are packed into units this large
 
@@ -256,7 +259,7 @@ def _existing(model: ModelRef, key: str, want: dict, options: ExtractOptions) ->
 
 def _extract_raw(source, model, entry: TensorEntry, options, expected, role, progress) -> dict:
     container = source.containers[entry.container]
-    key = model.tensor_key(entry.name)
+    key = model.tensor_key(entry.name, options.generation)
     base = {
         "name": entry.name,
         "role": role,
@@ -294,7 +297,8 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
             yield _float_band(entry, stored)
 
     with_images = role == "tensor"
-    stats, artifacts = write_images(model.store, model.tiff_key(entry.name), model.png_key(entry.name),
+    stats, artifacts = write_images(model.store, model.tiff_key(entry.name, options.generation),
+                                    model.png_key(entry.name, options.generation),
                                     entry.name, entry.shape, entry.dtype, bands(),
                                     options.images if with_images else "none")
     sha = h.hexdigest()
@@ -349,7 +353,7 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
     """Dequantise a GPTQ group into `<prefix>.weight` (float32, [out, in]) in output-row bands."""
     from weightsmith.sources.gptq import dequantize
 
-    key = model.tensor_key(group.name)
+    key = model.tensor_key(group.name, options.generation)
     base = {
         "name": group.name,
         "role": "gptq-weight",
@@ -379,7 +383,8 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
             h.update(band.tobytes())
             yield band
 
-    stats, artifacts = write_images(model.store, model.tiff_key(group.name), model.png_key(group.name),
+    stats, artifacts = write_images(model.store, model.tiff_key(group.name, options.generation),
+                                    model.png_key(group.name, options.generation),
                                     group.name, group.shape, "F32", bands(), options.images)
     record = {**base, "sha256": h.hexdigest(), "stats": stats, "artifacts": {"zarr": key, **artifacts}}
     arrays.finish(array, record)
@@ -418,7 +423,7 @@ def build_manifest(model: ModelRef, source: Source, options: ExtractOptions, fil
                       "complete": len(by_name) == _expected_count(source), "images": options.images},
         "files": files,
         "tensors": by_name,
-    }
+    } | ({"generation": options.generation} if options.generation else {})
 
 
 def _expected_count(source: Source) -> int:
@@ -436,6 +441,23 @@ def _public_url(url: str) -> str:
             netloc += f":{parts.port}"
         return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     return url
+
+
+def with_generation(model: ModelRef, options: ExtractOptions, run_id: str) -> ExtractOptions:
+    """`options` with the folder this run writes artifacts into (call it holding the lease).
+
+    A forced run of a published model writes a new generation beside the published one, so
+    the published model stays whole until `publish` switches the manifest over in one
+    conditional write (a failed or killed forced run leaves it as it was; `gc` removes the
+    orphan). Other runs write where the published manifest's artifacts are: a plain re-run of a
+    model a forced run replaced finds its tensors there and gives the same manifest.
+    """
+    generation = None
+    if model.is_complete():
+        generation = run_id if options.force else model.manifest().get("generation")
+    if generation is not None and not (isinstance(generation, str) and generation.replace("-", "").isalnum()):
+        raise WeightsmithError(model.url, f"manifest.json names a generation that is not a run id: {generation!r}")
+    return options.model_copy(update={"generation": generation})
 
 
 def publish(model: ModelRef, manifest: dict, force: bool) -> str:
@@ -488,14 +510,15 @@ def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPl
     return source, ExtractPlan(source_url, tuple(units), checksum_units, total)
 
 
-def stored_records(source: Source, model: ModelRef, units: tuple[WorkUnit, ...]) -> list[dict]:
+def stored_records(source: Source, model: ModelRef, units: tuple[WorkUnit, ...],
+                   generation: str | None = None) -> list[dict]:
     """The records of every planned tensor, read back from the store (the store is the truth)."""
     records = []
     for unit in units:
         for name in unit.names:
             group = _groups(source).get(name)
             for n in (*group.components, name) if group else (name,):
-                record = arrays.read_record(model.store, model.tensor_key(n))
+                record = arrays.read_record(model.store, model.tensor_key(n, generation))
                 if record is None:
                     raise WeightsmithError(model.url, f"tensor {n!r} is not complete in the store")
                 records.append(record)
@@ -551,14 +574,18 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
     run_id = new_run_id()
     facts = run_facts(run_id, "extract", options, source.url)
     try:
-        files = write_files(model, source)
-        records: list[dict] = []
-        written = 0
-        for unit in the_plan.units:
-            result = extract_unit(source, model, unit, options, checksums, progress)
-            records += result.records
-            written += result.written
-        status = publish(model, build_manifest(model, source, options, files, records), options.force)
+        with lease.acquire(model, run_id, options.wait_s) as held:
+            options = with_generation(model, options, run_id)
+            files = write_files(model, source)
+            records: list[dict] = []
+            written = 0
+            for unit in the_plan.units:
+                result = extract_unit(source, model, unit, options, checksums, progress)
+                records += result.records
+                written += result.written
+            manifest = build_manifest(model, source, options, files, records)
+            held.check()
+            status = publish(model, manifest, options.force)
     except BaseException as e:
         error = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
         try:

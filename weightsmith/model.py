@@ -36,14 +36,20 @@ class ModelRef:
     def url(self) -> str:
         return self.store.url_of(self.prefix)
 
-    def tensor_key(self, name: str) -> str:
-        return self.key("tensors", f"{encode_key(name)}.zarr")
+    # Artifacts live under the model's prefix, or under generations/<id>/ when a forced run
+    # rebuilds a published model next to it (the manifest then switches to them in one write).
+    def _artifact(self, folder: str, name: str, suffix: str, generation: str | None) -> str:
+        where = ("generations", generation, folder) if generation else (folder,)
+        return self.key(*where, f"{encode_key(name)}{suffix}")
 
-    def tiff_key(self, name: str) -> str:
-        return self.key("images", f"{encode_key(name)}.tiff")
+    def tensor_key(self, name: str, generation: str | None = None) -> str:
+        return self._artifact("tensors", name, ".zarr", generation)
 
-    def png_key(self, name: str) -> str:
-        return self.key("previews", f"{encode_key(name)}.png")
+    def tiff_key(self, name: str, generation: str | None = None) -> str:
+        return self._artifact("images", name, ".tiff", generation)
+
+    def png_key(self, name: str, generation: str | None = None) -> str:
+        return self._artifact("previews", name, ".png", generation)
 
     def is_complete(self) -> bool:
         return self.store.exists(self.key(MANIFEST))

@@ -29,7 +29,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.model import MANIFEST, MANIFEST_FORMAT
+from weightsmith.lease import LEASE
+from weightsmith.lease import holder as lease_holder
+from weightsmith.model import MANIFEST, MANIFEST_FORMAT, ModelRef
 from weightsmith.store import Store
 
 if TYPE_CHECKING:  # weightsmith.extract imports this module
@@ -57,7 +59,7 @@ class ModelInfo:
     slug: str
     revision: str
     url: str
-    status: str  # "complete" | "incomplete" | "failed" (last run failed) | "damaged" (bad manifest)
+    status: str  # "complete" | "writing" (a run holds the lease) | "incomplete" | "failed" | "damaged"
     tensors: int  # complete: logical tensors in the manifest; else arrays present so far
     stored_bytes: int  # everything below the model's prefix (predictions, candidates included)
     last_run: float | None  # when the last run of runs/*.json finished (or started)
@@ -116,6 +118,8 @@ def list_models(store: Store) -> list[ModelInfo]:
             )
         else:
             status = "damaged" if problem else "failed" if last[1] == "failed" else "incomplete"
+            if not problem and LEASE in rel and lease_holder(ModelRef(store, slug, revision)) is not None:
+                status = "writing"  # a live run holds the model's lease
             tensors = len({k.split("/")[1] for k in rel if k.startswith("tensors/") and k.count("/") > 1})
         infos.append(
             ModelInfo(
@@ -202,10 +206,20 @@ def gc(store: Store, dry_run: bool = True, older_than_s: float = 3600) -> GcRepo
 def _stale(prefix: str, rel: dict[str, _Obj], refs: set[str]) -> dict[str, tuple[list[_Obj], str]]:
     """Deletable units of a complete model (key -> its objects, reason), ignoring their age."""
     units: dict[str, tuple[list[_Obj], str]] = {}
+    generations = f"{prefix}/generations/"
+    used = {r[len(generations):].split("/", 1)[0] for r in refs if r.startswith(generations)}
     for key, o in rel.items():
         parts = key.split("/")
         full = f"{prefix}/{key}"
-        array = f"{prefix}/tensors/{parts[1]}" if parts[0] == "tensors" and len(parts) > 2 else None
+        base = prefix
+        if parts[0] == "generations" and len(parts) > 2:
+            # A forced run's artifacts: all of a generation the manifest does not use goes at once.
+            base = f"{generations}{parts[1]}"
+            if parts[1] not in used:
+                units.setdefault(base, ([], "generation not in the manifest"))[0].append(o)
+                continue
+            parts = parts[2:]
+        array = f"{base}/tensors/{parts[1]}" if parts[0] == "tensors" and len(parts) > 2 else None
         unit, reason = None, ""
         if parts[0] in ("predictions", "candidates") and len(parts) > 2:
             marker = PREDICTION if parts[0] == "predictions" else CANDIDATE

@@ -301,16 +301,6 @@ def test_refused_writes_mid_run_are_a_one_line_error(kind: str, home: Path, mode
         assert_one_line_error(extract_until_full(big, store, big_url, disk), str(store))
 
 
-FORCE_IN_PLACE_BUG = (
-    "BUG: `extract --force` of a model that is already published rewrites its tensors in place "
-    "(weightsmith/extract.py _extract_raw -> weightsmith/store/arrays.py create(overwrite=True) "
-    "deletes the array first) under the existing manifest.json, which stays listed as complete: "
-    "a forced run that fails or is killed part-way leaves a published model whose tensor values "
-    "are gone, and verify fails until another run finishes"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=FORCE_IN_PLACE_BUG)
 def test_failed_forced_rerun_keeps_the_published_model_whole(home: Path, models, tmp_path: Path) -> None:
     """A forced re-extraction of a published model that cannot write (a file-size limit here;
     a full disk or a kill does the same) must leave the published model as it was."""
