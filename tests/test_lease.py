@@ -151,3 +151,14 @@ def test_a_hand_edited_generation_is_refused(source: str, tmp_path: Path) -> Non
     model.store.write_json(model.key(MANIFEST), manifest)
     with pytest.raises(WeightsmithError, match="generation that is not a run id"):
         extract(source, ExtractOptions(store=store))
+
+
+def test_a_lease_this_process_released_but_could_not_delete_is_free(tmp_path: Path) -> None:
+    """The store was down when the run ended: lease.json stayed behind, naming this process."""
+    model = model_in(tmp_path)
+    held = lease.acquire(model, "run-a")
+    stuck = model.store.read_bytes(model.key(lease.LEASE))
+    held.release()
+    model.store.write_bytes(model.key(lease.LEASE), stuck)
+    with lease.acquire(model, "run-b"):  # taken over at once, no waiting for the expiry
+        pass

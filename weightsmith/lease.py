@@ -25,6 +25,9 @@ from weightsmith.store.store import dumps
 LEASE = "lease.json"
 TTL_S = 120.0  # a holder that stopped renewing for this long is gone
 POLL_S = 0.5
+# Run ids whose lease this process holds. A lease naming this process and a run not in here was
+# released, but its deletion failed (the store was down): it is gone, not held.
+_HELD: set[str] = set()
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Lease:
             raise WeightsmithError(self.model.url, f"{self.lost}; run again when it has finished")
 
     def release(self) -> None:
+        _HELD.discard(self.run_id)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -107,6 +111,7 @@ def acquire(model: ModelRef, run_id: str, wait_s: float = 0.0, ttl_s: float = TT
                                               "wait for it to finish, or pass --wait SECONDS")
         time.sleep(POLL_S)
     lease._data = body
+    _HELD.add(run_id)
     lease._thread = threading.Thread(target=lease._beat, name=f"lease-{run_id}", daemon=True)
     lease._thread.start()
     return lease
@@ -151,6 +156,8 @@ def _gone(info: dict) -> bool:
     if not isinstance(expires, int | float) or time.time() > expires:
         return True
     pid = info.get("pid")
+    if info.get("host") == socket.gethostname() and pid == os.getpid():
+        return info.get("run_id") not in _HELD
     if info.get("host") == socket.gethostname() and isinstance(pid, int):
         try:
             os.kill(pid, 0)
