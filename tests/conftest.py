@@ -12,16 +12,20 @@ import re
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from weightsmith.seaweed import S3Server, start_s3_server
+
+if TYPE_CHECKING:
+    from weightsmith.devstack import DevStack
 
 # Nothing a test run writes lands outside a temporary folder: the state folder (default store,
 # PREFECT_HOME) of every test that does not pick its own is a fresh one per session.
@@ -59,6 +63,24 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module of tiny models: they gain nothing from more, and OpenMP
+    threads that wait on each other stall badly on a busy shared CPU (measured: 20x slower fits)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def state_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the state folder (staged TIFFs of S3 stores, caches) out of the working directory."""
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path_factory.mktemp("weightsmith-home")))
 
 
 # --- S3 -----------------------------------------------------------------------------------
@@ -104,6 +126,21 @@ def s3_readonly_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> Ite
     _use_s3_env(monkeypatch, s3_server, readonly=True)
     yield s3_server
     _clear_s3fs_cache()
+
+
+@pytest.fixture
+def use_stack_s3(monkeypatch: pytest.MonkeyPatch) -> Callable[[DevStack], None]:
+    """Called with a dev stack: this process's S3 clients (the library's) use its server."""
+
+    def use(stack: DevStack) -> None:
+        for name in [n for n in os.environ if n.startswith("AWS_")]:
+            monkeypatch.delenv(name)
+        for name, value in stack.env().items():
+            if name.startswith("AWS_"):
+                monkeypatch.setenv(name, value)
+        _clear_s3fs_cache()
+
+    return use
 
 
 @pytest.fixture

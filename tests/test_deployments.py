@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -98,21 +99,8 @@ def processes_of(home: Path) -> list[str]:
     return found
 
 
-def use_stack_s3(monkeypatch: pytest.MonkeyPatch, stack: DevStack) -> None:
-    """Point this process's S3 clients at the stack (for the library extraction)."""
-    import s3fs
-
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    for name, value in stack.env().items():
-        if name.startswith("AWS_"):
-            monkeypatch.setenv(name, value)
-    # Cached filesystems would keep the keys of another server.
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
 def test_extract_model_deployment_matches_the_library(
-    tmp_path: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fixtures_dir: Path, use_stack_s3: Callable[[DevStack], None]
 ) -> None:
     home = tmp_path / "home"
     timings: dict[str, float] = {}
@@ -144,7 +132,7 @@ def test_extract_model_deployment_matches_the_library(
         assert state == "COMPLETED", worker_log(stack)
 
         # The library, in this process, extracts the same source into another prefix.
-        use_stack_s3(monkeypatch, stack)
+        use_stack_s3(stack)
         library = extract(source, ExtractOptions(store=f"s3://{stack.bucket}/library"))
         deployed = ModelRef(Store(stack.store), library.slug, library.revision)
         assert library.slug == "minicpm3"

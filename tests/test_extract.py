@@ -27,6 +27,8 @@ from weightsmith.store import Store, arrays
 from weightsmith.store.store import dumps
 from weightsmith.verify import verify
 
+pytestmark = pytest.mark.usefixtures("state_in_tmp")
+
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 ROUND_TRIP = sorted(
     [str(p.relative_to(FIXTURES)) for p in FIXTURES.glob("safetensors/*.safetensors")]
@@ -44,14 +46,6 @@ GPTQ_PREFIX = "model.layers.0.mlp.gate_proj"
 GPTQ_GOLDEN = f"{GPTQ_PREFIX}.weight_dequant_in_out"
 MINICPM = "safetensors/ollama_minicpm3_4b_model.safetensors"
 HEX16 = re.compile(r"[0-9a-f]{16}")
-
-
-@pytest.fixture(autouse=True)
-def _state_in_tmp(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Keep the state folder (staged TIFFs of S3 stores, caches) out of the working directory."""
-    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path_factory.mktemp("weightsmith-home")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,15 +25,9 @@ from weightsmith.verify import verify
 if TYPE_CHECKING:
     from conftest import RangeHTTPServer
 
+pytestmark = pytest.mark.usefixtures("state_in_tmp")
+
 SHARDED = "safetensors/sharded_minicpm3"
-
-
-@pytest.fixture(autouse=True)
-def _state_in_tmp(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Keep the state folder (staged TIFFs of S3 stores, caches) out of the working directory."""
-    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path_factory.mktemp("weightsmith-home")))
 
 
 def header_size(path: Path) -> int:

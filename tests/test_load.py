@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -60,24 +61,12 @@ def run(command: list[str], env: dict[str, str], timeout: float) -> subprocess.C
     return result
 
 
-def use_stack_s3(monkeypatch: pytest.MonkeyPatch, stack: DevStack) -> None:
-    """Point this process's S3 clients at the stack (to verify what the runs wrote)."""
-    import s3fs
-
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    for name, value in stack.env().items():
-        if name.startswith("AWS_"):
-            monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
 def worker_log(stack: DevStack, lines: int = 80) -> str:
     log = Path(stack.components["worker-cpu"].log)
     return f"--- {log} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def test_twenty_models_through_the_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_twenty_models_through_the_deployment(tmp_path: Path, use_stack_s3: Callable[[DevStack], None]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
@@ -140,7 +129,7 @@ def test_twenty_models_through_the_deployment(tmp_path: Path, monkeypatch: pytes
             run_seconds = sorted((end - start).total_seconds() for start, end in spans)
 
         mark = time.monotonic()
-        use_stack_s3(monkeypatch, stack)
+        use_stack_s3(stack)
         bucket_client = stack.client()
         for i, source in enumerate(sources):
             prefix = f"lake/models/model-{i:02d}/"

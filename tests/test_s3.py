@@ -21,17 +21,9 @@ from weightsmith.sources import open_source
 from weightsmith.sources.safetensors import parse_safetensors
 from weightsmith.verify import verify
 
-pytestmark = pytest.mark.s3
+pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("state_in_tmp")]
 
 SHARDED = "safetensors/sharded_minicpm3"
-
-
-@pytest.fixture(autouse=True)
-def _state_in_tmp(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Keep the state folder (staged TIFFs of S3 stores, caches) out of the working directory."""
-    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path_factory.mktemp("weightsmith-home")))
 
 
 def write_model(path: Path, tensors: int = 4, rows: int = 64) -> Path:

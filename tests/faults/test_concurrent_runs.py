@@ -13,9 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from fault_helpers import write_model
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.extract import ExtractOptions, extract, publish
@@ -26,14 +25,6 @@ from weightsmith.verify import verify
 
 TENSORS = 16
 WRITERS = 8
-
-
-def write_model(path: Path, tensors: int = TENSORS, rows: int = 256, cols: int = 256) -> Path:
-    rng = np.random.default_rng(21)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    values = {f"layer.{i}.weight": rng.standard_normal((rows, cols)).astype(np.float32) for i in range(tensors)}
-    save_file(values, str(path))
-    return path
 
 
 @pytest.fixture
@@ -138,7 +129,7 @@ def test_two_runs_of_the_same_model_at_once(
     attempt that shows a problem (a crash, a corrupt or different manifest)."""
     # Many tensors locally: many chances for the two runs to meet on one tensor.
     tensors = 48 if where == "local" else TENSORS
-    source = str(write_model(tmp_path / "src" / "twin" / "model.safetensors", tensors))
+    source = str(write_model(tmp_path / "src" / "twin" / "model.safetensors", tensors, 256, 256, seed=21))
     reference = extract(source, ExtractOptions(store=str(tmp_path / "reference")))
     ref_model = parse_model_url(reference.model_url)
     if where == "s3":
@@ -166,7 +157,7 @@ def test_a_second_run_cannot_recreate_a_tensor_a_running_one_writes(
     from weightsmith.store import arrays
     from weightsmith.store.keys import encode_key
 
-    source = str(write_model(tmp_path / "src" / "twin" / "model.safetensors", tensors=4, rows=64, cols=64))
+    source = str(write_model(tmp_path / "src" / "twin" / "model.safetensors", 4, 64, 64, seed=21))
     store = str(tmp_path / "store")
     victim = "layer.1.weight"
     a_wrote_victim, b_ended = threading.Event(), threading.Event()

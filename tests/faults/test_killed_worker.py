@@ -15,13 +15,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
-from safetensors.numpy import save_file
+from fault_helpers import tail, wait_until, write_model
 
 from flows.extract import extract_model
 from weightsmith.extract import ExtractOptions, extract
@@ -42,14 +40,6 @@ source, store, runner = sys.argv[1:4]
 flow = extract_model.with_options(task_runner=make_runner(runner, 2))
 print(flow(source=source, store=store, unit_bytes=1), flush=True)
 """
-
-
-def write_model(path: Path, tensors: int, rows: int = 64, cols: int = 256, seed: int = 9) -> Path:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    values = {f"layer.{i}.weight": rng.standard_normal((rows, cols)).astype(np.float32) for i in range(tensors)}
-    save_file(values, str(path))
-    return path
 
 
 def api_url() -> str:
@@ -87,19 +77,6 @@ def finished_on_disk(model: ModelRef) -> int:
     return count
 
 
-def wait_until(predicate, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail(log)}")
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
 def task_processes(process: subprocess.Popen) -> list[psutil.Process]:
     """The spawned task-runner processes of the flow process (not the resource tracker)."""
     try:
@@ -129,7 +106,7 @@ def run_facts(model: ModelRef) -> list[dict]:
     ],
 )
 def test_killed_mid_run_then_rerun_recomputes_only_missing(tmp_path: Path, kill: str) -> None:
-    source = str(write_model(tmp_path / "src" / "wide" / "model.safetensors", TENSORS))
+    source = str(write_model(tmp_path / "src" / "wide" / "model.safetensors", TENSORS, seed=9))
     reference = extract(source, ExtractOptions(store=str(tmp_path / "reference")))
     ref_model = parse_model_url(reference.model_url)
     ref_manifest = ref_model.store.read_bytes(ref_model.key(MANIFEST))
@@ -144,6 +121,7 @@ def test_killed_mid_run_then_rerun_recomputes_only_missing(tmp_path: Path, kill:
             lambda: finished_on_disk(model) >= 6 or process.poll() is not None,
             timeout=240,
             what="six finished tensors",
+            poll=0.02,
             log=log,
         )
         assert process.poll() is None, f"the flow ended before the kill\n{tail(log)}"
@@ -160,6 +138,7 @@ def test_killed_mid_run_then_rerun_recomputes_only_missing(tmp_path: Path, kill:
                 lambda: process.poll() is not None or FLOW_FINISHED.search(log.read_text(errors="replace")),
                 timeout=180,
                 what="the flow run to end",
+                poll=0.02,
                 log=log,
             )
             finished = FLOW_FINISHED.search(log.read_text(errors="replace"))

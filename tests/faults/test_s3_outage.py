@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from fault_helpers import wait_until, write_model
 
 from flows.extract import extract_model
 from weightsmith.extract import ExtractOptions, extract
@@ -33,15 +32,6 @@ pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("prefect_harness")]
 BUCKET = "outage"
 AWS_NOISE = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
 TENSORS = 24
-
-
-def write_model(path: Path, tensors: int, rows: int = 64, cols: int = 256, seed: int = 3) -> Path:
-    """Random float32 tensors (random values: every chunk is a real object in the store)."""
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    values = {f"layer.{i}.weight": rng.standard_normal((rows, cols)).astype(np.float32) for i in range(tensors)}
-    save_file(values, str(path))
-    return path
 
 
 def _clear_s3fs_cache() -> None:
@@ -60,8 +50,9 @@ class OwnS3:
     def stop(self) -> None:
         self.server.stop()
 
-    def restart(self) -> float:
-        """Start again on the same data folder, ports and keys; returns the seconds it took."""
+    def restart(self, same_ports: bool = True) -> float:
+        """Start again on the same data folder and keys, and the same ports unless `same_ports`
+        is false (then a free block is picked); returns the seconds it took."""
         old = self.server
         started = time.monotonic()
         self.server = start_s3_server(
@@ -70,10 +61,11 @@ class OwnS3:
             secret_key=old.secret_key,
             readonly_access_key=old.readonly_access_key,
             readonly_secret_key=old.readonly_secret_key,
-            ports=old.ports,
+            ports=old.ports if same_ports else None,
             region=old.region,
         )
-        assert self.server.endpoint == old.endpoint
+        if same_ports:
+            assert self.server.endpoint == old.endpoint
         return time.monotonic() - started
 
     def client(self, **config):
@@ -176,15 +168,6 @@ class Watcher:
                     self.violations.append(f"{name}: manifest listed, {kind} missing")
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def finished_tensors(client, prefix: str) -> int:
     """Tensors whose zarr.json already carries the record (written last)."""
     count = 0
@@ -237,7 +220,7 @@ def run_flow_in_thread(source: str, store: str, unit_bytes: int) -> tuple[thread
     ],
 )
 def test_s3_outage_mid_flow(own_s3: OwnS3, tmp_path: Path, outage: str, monkeypatch) -> None:
-    local = write_model(tmp_path / "src" / "gpt" / "model.safetensors", TENSORS)
+    local = write_model(tmp_path / "src" / "gpt" / "model.safetensors", TENSORS, seed=3)
     # A source URL of this test's own: tasks/extract.py caches sources by URL for the life of
     # the process (see test_rerun_in_the_same_process_reads_the_replaced_source).
     key = f"src/{uuid.uuid4().hex[:8]}/gpt/model.safetensors"
@@ -261,10 +244,11 @@ def test_s3_outage_mid_flow(own_s3: OwnS3, tmp_path: Path, outage: str, monkeypa
     with Watcher(own_s3, prefix) as watcher:
         poll = own_s3.client()  # made before the flow's threads make theirs
         thread, out = run_flow_in_thread(source, store, unit_bytes=1)  # one tensor per unit
-        wait_for(
+        wait_until(
             lambda: finished_tensors(poll, prefix) >= 4 or not thread.is_alive(),
             timeout=120,
             what="four finished tensors",
+            poll=0.05,
         )
         assert thread.is_alive(), f"the flow ended before the outage: {out}"
         before = finished_tensors(poll, prefix)
@@ -307,7 +291,7 @@ def test_s3_outage_mid_flow(own_s3: OwnS3, tmp_path: Path, outage: str, monkeypa
         else:
             assert first.is_completed(), first
             assert first.result() == model_url
-        wait_for(lambda: watcher.manifest_seen > 0, timeout=30, what="a poll of the manifest")
+        wait_until(lambda: watcher.manifest_seen > 0, timeout=30, what="a poll of the manifest", poll=0.05)
 
     model = parse_model_url(model_url)
     assert model.store.read_bytes(model.key(MANIFEST)) == ref_manifest_bytes
@@ -356,7 +340,7 @@ def test_rerun_in_the_same_process_follows_a_new_endpoint(
 ) -> None:
     key = "src/moved/model.safetensors"
     source = f"s3://{BUCKET}/{key}"
-    local = write_model(tmp_path / "src" / "model.safetensors", 3, rows=16, cols=32)
+    local = write_model(tmp_path / "src" / "model.safetensors", 3, rows=16, cols=32, seed=3)
     own_s3.client().upload_file(str(local), BUCKET, key)
     assert extract_model(source=source, store=f"s3://{BUCKET}/lake", unit_bytes=1)
 
@@ -364,13 +348,7 @@ def test_rerun_in_the_same_process_follows_a_new_endpoint(
     # the environment says so.
     old = own_s3.server
     old.stop()
-    own_s3.server = start_s3_server(
-        own_s3.state_dir,
-        access_key=old.access_key,
-        secret_key=old.secret_key,
-        readonly_access_key=old.readonly_access_key,
-        readonly_secret_key=old.readonly_secret_key,
-    )
+    own_s3.restart(same_ports=False)
     assert own_s3.server.endpoint != old.endpoint
     for name, value in own_s3.server.env().items():
         monkeypatch.setenv(name, value)

@@ -25,9 +25,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from fault_helpers import write_model
 
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import parse_model_url
@@ -38,20 +37,11 @@ from weightsmith.verify import array_sha256, verify
 BIG_TENSORS = 12
 
 
-def write_model(path: Path, tensors: int, rows: int, cols: int, seed: int) -> Path:
-    """Random float32 tensors: they do not compress, so their size on disk is predictable."""
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    values = {f"layer.{i}.weight": rng.standard_normal((rows, cols)).astype(np.float32) for i in range(tensors)}
-    save_file(values, str(path))
-    return path
-
-
 @pytest.fixture
 def models(tmp_path: Path) -> tuple[Path, Path]:
     """(small: 2 KB of tensors, big: 12 MB in 12 tensors of 1 MB)."""
     small = write_model(tmp_path / "src" / "small" / "model.safetensors", 2, 16, 16, seed=1)
-    big = write_model(tmp_path / "src" / "big" / "model.safetensors", BIG_TENSORS, 256, 1024, 2)
+    big = write_model(tmp_path / "src" / "big" / "model.safetensors", BIG_TENSORS, 256, 1024, seed=2)
     return small, big
 
 

@@ -13,40 +13,21 @@ The budget is small and fixed for CI; `WEIGHTSMITH_FUZZ_EXAMPLES=N` raises it (d
 
 from __future__ import annotations
 
-import os
 import struct
-import tracemalloc
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+from fuzz_helpers import FIXTURES, accepted_or_refused, fuzz_settings, probe
 from gguf import GGMLQuantizationType
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.control import currently_in_test_context
 
-from weightsmith.errors import WeightsmithError
-from weightsmith.ranged import RangedReader
 from weightsmith.sources.gguf import MAX_HEADER_BYTES, parse_gguf
 
-EXAMPLES = int(os.environ.get("WEIGHTSMITH_FUZZ_EXAMPLES") or 0)
-FUZZ = settings(
-    max_examples=EXAMPLES or 300,
-    deadline=None,
-    database=None,  # nothing written outside temporary folders; failures print their input
-    derandomize=not EXAMPLES,  # CI: the same inputs every run; a long run explores
-    print_blob=True,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-    ],
-)
-MEMORY_CAP = 64 << 20  # traced bytes one parse may peak at
+FUZZ = fuzz_settings(300)
 FIRST_WINDOW = 64 * 1024
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 REAL = sorted(FIXTURES.glob("gguf/*.gguf"))
 BAD = sorted(FIXTURES.glob("bad/*.gguf"))
 INTERESTING = [
@@ -71,44 +52,13 @@ INTERESTING = [
 
 
 # ---------------------------------------------------------------------------------------------
-# a ranged reader over bytes that records every range asked for
-
-
-class _Bytes:
-    """The one fsspec method RangedReader uses, over bytes in memory."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def cat_file(self, path: str, start: int, end: int) -> bytes:
-        return self.data[start:end]
-
-
-@dataclass
-class ProbeReader(RangedReader):
-    ranges: list[tuple[int, int]] = field(default_factory=list)
-
-    def read(self, start: int, end: int) -> bytes:
-        self.ranges.append((start, end))
-        assert 0 <= start <= end <= self.size, f"asked for [{start}, {end}) of a {self.size}-byte file"
-        return super().read(start, end)
+# one input: the error contract, the memory cap and the ranges read
 
 
 def parse_checked(data: bytes):
     """Parse under a memory cap; check the error contract and the ranges read."""
-    reader = ProbeReader(url="fuzz.gguf", fs=_Bytes(data), path="fuzz.gguf", size=len(data))
-    tracemalloc.start()
-    try:
-        result = parse_gguf(reader, 0, "fuzz.gguf")
-    except WeightsmithError as e:
-        assert "\n" not in str(e), str(e)
-        result = None
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    assert peak < MEMORY_CAP, f"parsing peaked at {peak:,} traced bytes"
-    if currently_in_test_context():  # counts shown by --hypothesis-show-statistics
-        event("accepted" if result is not None else "refused")
+    reader = probe(data, "fuzz.gguf")
+    result = accepted_or_refused(lambda: parse_gguf(reader, 0, "fuzz.gguf"), "parsing")
     pos = 0
     for start, end in reader.ranges:  # front to back, each byte once
         assert start == pos, reader.ranges

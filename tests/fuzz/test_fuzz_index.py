@@ -16,34 +16,20 @@ import json
 import os
 import struct
 import tempfile
-import tracemalloc
 from pathlib import Path
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from fuzz_helpers import accepted_or_refused, fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.control import currently_in_test_context
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.ranged import RangedReader
 from weightsmith.sources import open_source
 from weightsmith.sources.source import INDEX_NAME, MAX_INDEX_BYTES
 
-EXAMPLES = int(os.environ.get("WEIGHTSMITH_FUZZ_EXAMPLES") or 0)
-FUZZ = settings(
-    max_examples=EXAMPLES or 200,
-    deadline=None,
-    database=None,  # nothing written outside temporary folders; failures print their input
-    derandomize=not EXAMPLES,  # CI: the same inputs every run; a long run explores
-    print_blob=True,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-    ],
-)
-MEMORY_CAP = 64 << 20  # traced bytes one open_source may peak at
+FUZZ = fuzz_settings(200)
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 TENSORS = {"a": SHARDS[0], "b": SHARDS[0], "c": SHARDS[1]}
 
@@ -71,25 +57,17 @@ def open_checked(index: bytes) -> tuple[object, list[tuple[str, int, int, int]]]
             reads.append((self.path, start, end, self.size))
             return original(self, start, end)
 
-        tracemalloc.start()
-        try:
+        def open_recorded() -> object:
             with mock.patch.object(RangedReader, "read", recording):
-                source = open_source(str(folder / INDEX_NAME))
-        except WeightsmithError as e:
-            assert "\n" not in str(e), str(e)
-            source = None
-        finally:
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        assert peak < MEMORY_CAP, f"open_source peaked at {peak:,} traced bytes"
+                return open_source(str(folder / INDEX_NAME))
+
+        source = accepted_or_refused(open_recorded, "open_source")
         for path, start, end, size in reads:
             assert os.path.dirname(path) == str(folder), f"read {path} outside the model folder"
             assert 0 <= start <= end <= size == os.path.getsize(path), (path, start, end, size)
         if source is not None:
             assert all(os.path.dirname(r.path) == str(folder) for r in source.readers)
             assert set(source.tensors) == set(json.loads(index)["weight_map"])
-        if currently_in_test_context():  # counts shown by --hypothesis-show-statistics
-            event("accepted" if source is not None else "refused")
         return source, reads
 
 

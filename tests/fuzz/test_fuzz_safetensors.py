@@ -14,39 +14,20 @@ The budget is small and fixed for CI; `WEIGHTSMITH_FUZZ_EXAMPLES=N` raises it (d
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tracemalloc
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from fuzz_helpers import FIXTURES, accepted_or_refused, fuzz_settings, probe
+from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.control import currently_in_test_context
 from safetensors._safetensors_rust import SafetensorError
 from safetensors._safetensors_rust import deserialize as reference_deserialize
 
 from weightsmith.dtypes import SAFETENSORS_DTYPES, itemsize
 from weightsmith.errors import WeightsmithError
-from weightsmith.ranged import RangedReader
 from weightsmith.sources.safetensors import parse_safetensors
 
-EXAMPLES = int(os.environ.get("WEIGHTSMITH_FUZZ_EXAMPLES") or 0)
-FUZZ = settings(
-    max_examples=EXAMPLES or 300,
-    deadline=None,
-    database=None,  # nothing written outside temporary folders; failures print their input
-    derandomize=not EXAMPLES,  # CI: the same inputs every run; a long run explores
-    print_blob=True,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-    ],
-)
-MEMORY_CAP = 64 << 20  # traced bytes one parse may peak at
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+FUZZ = fuzz_settings(300)
 SMALL_FIXTURES = sorted(
     p
     for p in [
@@ -59,48 +40,13 @@ SMALL_FIXTURES = sorted(
 
 
 # ---------------------------------------------------------------------------------------------
-# a ranged reader over bytes that records every range asked for
-
-
-class _Bytes:
-    """The one fsspec method RangedReader uses, over bytes in memory."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def cat_file(self, path: str, start: int, end: int) -> bytes:
-        return self.data[start:end]
-
-
-@dataclass
-class ProbeReader(RangedReader):
-    ranges: list[tuple[int, int]] = field(default_factory=list)
-
-    def read(self, start: int, end: int) -> bytes:
-        self.ranges.append((start, end))
-        assert 0 <= start <= end <= self.size, f"asked for [{start}, {end}) of a {self.size}-byte file"
-        return super().read(start, end)
-
-
-def probe(data: bytes) -> ProbeReader:
-    return ProbeReader(url="fuzz.safetensors", fs=_Bytes(data), path="fuzz.safetensors", size=len(data))
+# one input: the error contract, the memory cap and the ranges read
 
 
 def parse_checked(data: bytes):
     """Parse under a memory cap; check the error contract and the ranges read."""
-    reader = probe(data)
-    tracemalloc.start()
-    try:
-        result = parse_safetensors(reader, 0, "fuzz.safetensors")
-    except WeightsmithError as e:
-        assert "\n" not in str(e), str(e)
-        result = None
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    assert peak < MEMORY_CAP, f"parsing peaked at {peak:,} traced bytes"
-    if currently_in_test_context():  # counts shown by --hypothesis-show-statistics
-        event("accepted" if result is not None else "refused")
+    reader = probe(data, "fuzz.safetensors")
+    result = accepted_or_refused(lambda: parse_safetensors(reader, 0, "fuzz.safetensors"), "parsing")
     declared = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
     for start, end in reader.ranges:  # the length, then the declared header: nothing else
         assert (start, end) in ((0, 8), (8, 8 + declared)), (start, end, declared)
@@ -271,13 +217,13 @@ def test_shape_whose_size_overflows_is_refused(dtype: str, shape: list[int]) -> 
         reference_deserialize(data)
     assert "deserializing" in str(reference.value)
     with pytest.raises(WeightsmithError):
-        parse_safetensors(probe(data), 0, "f.safetensors")
+        parse_safetensors(probe(data, "fuzz.safetensors"), 0, "f.safetensors")
 
 
 @pytest.mark.parametrize("length", [2**64 - 1, 2**63, 100_000_001, 100_000_000, 99_999_999], ids=lambda n: f"len={n}")
 def test_huge_declared_header_length_reads_nothing_more(length: int) -> None:
     data = file_bytes(b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"\0", length)
-    reader = probe(data)
+    reader = probe(data, "fuzz.safetensors")
     with pytest.raises(WeightsmithError, match="header length"):
         parse_safetensors(reader, 0, "f.safetensors")
     assert reader.ranges == [(0, 8)]

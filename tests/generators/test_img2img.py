@@ -26,6 +26,8 @@ from weightsmith.generators import Examples, SampleSpec, State, get
 from weightsmith.generators.img2img import PIXELS, Img2Img
 from weightsmith.tiny_pipelines import build_tiny_img2img
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LORA = "safetensors/diffusers_sd_pokemon_lora.safetensors"
 NAME = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora.down.weight"
 SIZE = 32  # tile edge: the (4, 128) tensor is one row of 4 tiles
@@ -41,15 +43,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError(f"img2img tried to connect to {address}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy CPU OpenMP's waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ GPU test runs only where CUDA is available.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,8 @@ from weightsmith.generators import (
 )
 from weightsmith.generators.tile_diffusion import TileDiffusion
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LORA = "safetensors/diffusers_sd_pokemon_lora.safetensors"
 # tile 16 -> 4 x 4 latents; a 4 x 6 grid of tiles on the 64 x 96 examples
 TINY = {
@@ -41,16 +42,6 @@ TINY = {
     "batch_size": 32,
     "sample_steps": 4,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny networks gain nothing from a second thread, and OpenMP threads that wait on
-    # each other stall badly on a busy shared CPU (measured: 20x slower fits).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,11 @@ from weightsmith.demo import SIZES, build_gpt2
 from weightsmith.errors import WeightsmithError
 from weightsmith.vet import EVALUATORS, Context, Entry, for_model, get
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = "\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}" for i in range(40)) + "\n"
 LN = "transformer.h.0.ln_1.weight"  # (64,)
 ATTN = "transformer.h.0.attn.c_attn.weight"  # (64, 192)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -37,21 +37,14 @@ from weightsmith.vet import (
 )
 from weightsmith.vet.report import frontier
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TENSORS = ("transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.weight")
 TRAIN = inspect.getsource(json.decoder) + inspect.getsource(json.encoder)
 HELD_OUT = inspect.getsource(json)
 SNAPSHOTS = (100, 150, 200)  # training steps kept in the zoo; the last is the original
 OPTIONS = {"lm-perplexity": {"max_tokens": 4000}}
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest (and steadiest on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
