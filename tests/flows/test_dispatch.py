@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deployments import client_env, processes_of, run, use_stack_s3
+from tests.test_deployments import client_env, processes_of, run
 from weightsmith import devstack
 from weightsmith.extract import ExtractOptions, extract
 
@@ -90,7 +90,7 @@ def start_gpu_worker(stack, env: dict[str, str], home: Path) -> subprocess.Popen
     )
 
 
-def test_dispatch_cpu_then_gpu_then_timeout_to_cpu(tmp_path, fixtures_dir, monkeypatch):
+def test_dispatch_cpu_then_gpu_then_timeout_to_cpu(tmp_path, fixtures_dir, use_stack_s3):
     home = tmp_path / "home"
     stack = devstack.up(home, gpu_worker=False)
     worker = None
@@ -107,7 +107,7 @@ def test_dispatch_cpu_then_gpu_then_timeout_to_cpu(tmp_path, fixtures_dir, monke
             env,
             timeout=300,
         )
-        use_stack_s3(monkeypatch, stack)
+        use_stack_s3(stack)
         stack.client().upload_file(
             str(fixtures_dir / FIXTURE), stack.bucket, "src/lora/model.safetensors"
         )
