@@ -41,8 +41,8 @@ def write_images(store: Store, tiff_key: str, png_key: str, name: str, shape, dt
     if mode == "all":
         tmp = _tmp_path(store, ".tiff")
         try:
-            images.write_tiff(tmp, observed(), shape2d, {"name": name, "shape": list(shape), "dtype": dtype})
-            artifacts["tiff_sha256"] = _file_sha256(tmp)
+            meta = {"name": name, "shape": list(shape), "dtype": dtype}
+            artifacts["tiff_sha256"] = images.write_tiff(tmp, observed(), shape2d, meta)
             store.put_file(tmp, tiff_key)
         finally:
             if os.path.exists(tmp):
@@ -57,14 +57,6 @@ def write_images(store: Store, tiff_key: str, png_key: str, name: str, shape, dt
         artifacts["png"] = png_key
         artifacts["png_sha256"] = hashlib.sha256(png).hexdigest()
     return stats.as_dict(), artifacts
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tmp_path(store: Store, suffix: str) -> str:

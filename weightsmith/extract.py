@@ -13,6 +13,7 @@ The stages, each usable on its own (the Prefect flow maps over them):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -29,7 +30,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from weightsmith import __version__, dtypes, images, lease
+from weightsmith import __version__, dtypes, images, lease, overlap
 from weightsmith.artifacts import write_images
 from weightsmith.errors import WeightsmithError
 from weightsmith.model import MANIFEST, MANIFEST_FORMAT, ModelRef, slugify
@@ -284,23 +285,27 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
     array = arrays.create(model.store, key, storage_shape, storage_dtype, attrs)
     h = hashlib.sha256()
 
-    def bands() -> Iterator[np.ndarray]:
+    def blocks() -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:  # on the prefetch thread
         for r0, r1, raw in _row_blocks(source, entry, options.block_bytes, array.chunks[0] if array.ndim else 1):
             h.update(raw)
             stored = np.frombuffer(raw, dtype=storage_dtype).reshape((r1 - r0, *storage_shape[1:]))
-            if array.ndim:
-                array[r0:r1] = stored
-            else:
-                array[()] = stored.reshape(())
-            if progress:
-                progress(len(raw), entry.name)
-            yield _float_band(entry, stored)
+            yield r0, r1, stored, _float_band(entry, stored)
+
+    def bands() -> Iterator[np.ndarray]:
+        # Block k+1 is read, hashed and converted while block k is written to Zarr and imaged.
+        with overlap.Background() as zarr_writer, contextlib.closing(overlap.prefetch(blocks())) as ahead:
+            for r0, r1, stored, band in ahead:
+                zarr_writer.submit(_store_rows, array, r0, r1, stored)
+                if progress:
+                    progress(stored.nbytes, entry.name)
+                yield band
 
     with_images = role == "tensor"
-    stats, artifacts = write_images(model.store, model.tiff_key(entry.name, options.generation),
-                                    model.png_key(entry.name, options.generation),
-                                    entry.name, entry.shape, entry.dtype, bands(),
-                                    options.images if with_images else "none")
+    with contextlib.closing(bands()) as stream:  # on an error, stop the threads before going on
+        stats, artifacts = write_images(model.store, model.tiff_key(entry.name, options.generation),
+                                        model.png_key(entry.name, options.generation),
+                                        entry.name, entry.shape, entry.dtype, stream,
+                                        options.images if with_images else "none")
     sha = h.hexdigest()
     if want_sha is not None and sha != want_sha:
         raise WeightsmithError(source.readers[entry.container].url,
@@ -308,6 +313,18 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
     record = {**base, "sha256": sha, "stats": stats, "artifacts": {"zarr": key, **artifacts}}
     arrays.finish(array, record)
     return record, True
+
+
+def _store_rows(array, r0: int, r1: int, stored: np.ndarray) -> None:
+    """Write rows [r0, r1) (r0 chunk-aligned) one chunk at a time: Zarr takes a value of exactly
+    a chunk's shape as is, where a bigger one is first copied into a new fill-valued chunk."""
+    if not array.ndim:
+        array[()] = stored.reshape(())
+        return
+    step = array.chunks[0]
+    for c0 in range(r0, r1, step):
+        c1 = min(r1, c0 + step)
+        array[c0:c1] = stored[c0 - r0 : c1 - r0]
 
 
 def _storage_layout(entry: TensorEntry) -> tuple[tuple[int, ...], np.dtype]:
@@ -375,17 +392,19 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
     step = max(array.chunks[0], (options.block_bytes // (4 * group.in_features)) // array.chunks[0] * array.chunks[0])
 
     def bands() -> Iterator[np.ndarray]:
-        for o0 in range(0, group.out_features, step):
-            o1 = min(group.out_features, o0 + step)
-            band = dequantize(group, parts[group.qweight], parts[group.qzeros], parts[group.scales], g_idx,
-                              rows=slice(o0, o1)).astype("<f4", copy=False)
-            array[o0:o1] = band
-            h.update(band.tobytes())
-            yield band
+        with overlap.Background() as zarr_writer:  # band k goes to Zarr while k+1 is dequantised
+            for o0 in range(0, group.out_features, step):
+                o1 = min(group.out_features, o0 + step)
+                band = np.ascontiguousarray(dequantize(group, parts[group.qweight], parts[group.qzeros],
+                                                       parts[group.scales], g_idx, rows=slice(o0, o1)), "<f4")
+                zarr_writer.submit(_store_rows, array, o0, o1, band)
+                h.update(band)
+                yield band
 
-    stats, artifacts = write_images(model.store, model.tiff_key(group.name, options.generation),
-                                    model.png_key(group.name, options.generation),
-                                    group.name, group.shape, "F32", bands(), options.images)
+    with contextlib.closing(bands()) as stream:
+        stats, artifacts = write_images(model.store, model.tiff_key(group.name, options.generation),
+                                        model.png_key(group.name, options.generation),
+                                        group.name, group.shape, "F32", stream, options.images)
     record = {**base, "sha256": h.hexdigest(), "stats": stats, "artifacts": {"zarr": key, **artifacts}}
     arrays.finish(array, record)
     return record, True

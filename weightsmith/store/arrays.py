@@ -12,24 +12,30 @@ import math
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from weightsmith import dtypes
 from weightsmith.store.store import Store
 
 CHUNK_BYTES = 8 << 20  # ~8 MB chunks: few objects on S3, cheap partial reads
-# lz4 with byte shuffle: the fastest codec measured here (bench/extract.py) that still
-# saves space on float weights; zlib/zstd at higher levels cost more than a disk write.
-_COMPRESSORS = [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")]
+# No compression: float weights are close to noise. blosc lz4 with byte shuffle (the fastest
+# codec measured here, bench/extract.py --codec) saved 0% on the random-init benchmark model
+# (a few % to ~10% on trained float weights) and cost ~0.7 CPU-s per 500 MB, more than the
+# disk write it saves; zlib/zstd cost more still. Arrays written with a codec stay readable.
+_COMPRESSORS = None
 RECORD = "weightsmith"
 
 
 def chunk_rows(shape: tuple[int, ...], itemsize: int) -> int:
-    """Rows of dim 0 per chunk (0-d and 1-d arrays are one chunk)."""
+    """Rows of dim 0 per chunk (0-d and 1-d arrays are one chunk).
+
+    Chunks are at most CHUNK_BYTES and as even as the rows allow: Zarr stores the last chunk
+    full size, padded, which uncompressed would waste up to a chunk per tensor.
+    """
     if len(shape) < 2 or shape[0] == 0:
         return max(1, shape[0]) if shape else 1
     row = math.prod(shape[1:]) * itemsize
-    return max(1, min(shape[0], CHUNK_BYTES // max(1, row)))
+    most = max(1, min(shape[0], CHUNK_BYTES // max(1, row)))
+    return -(-shape[0] // -(-shape[0] // most))  # rows split into ceil(rows / most) even chunks
 
 
 def create(store: Store, key: str, shape: tuple[int, ...], np_dtype: np.dtype, attrs: dict) -> zarr.Array:
@@ -45,6 +51,9 @@ def create(store: Store, key: str, shape: tuple[int, ...], np_dtype: np.dtype, a
         attributes=attrs,
         fill_value=0,
         overwrite=True,
+        # Write every chunk as it comes: else Zarr compares each chunk with the fill value
+        # first (a pass over the data) to leave out all-zero chunks.
+        config={"write_empty_chunks": True},
     )
 
 

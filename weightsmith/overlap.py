@@ -1,0 +1,100 @@
+"""Overlap the stages of streaming a tensor on a few threads, with a bound on what is in flight.
+
+Reading, hashing, compressing and writing files all release the GIL (numpy, hashlib, blosc,
+zlib, file I/O), so a band can be read and hashed while the previous one is written to Zarr
+and cut into TIFF tiles. Both helpers keep at most one item ahead, so memory stays a few
+row blocks whatever the tensor's size, and neither lets a thread outlive the `with` or the loop
+that started it: after an error nothing is written behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Yield `items`, produced on a background thread at most `depth` items ahead.
+
+    While the consumer holds item k, the producer may make k+1 .. k+depth, no more. An
+    exception of the producer is raised here, in the consumer's thread. Closing the iterator
+    early (an error in the consumer) stops the producer and waits for it.
+    """
+    ahead: queue.SimpleQueue = queue.SimpleQueue()
+    slots = threading.Semaphore(depth + 1)  # items made and not yet given back by the consumer
+    stop = threading.Event()
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                item = next(it, _DONE)
+                ahead.put((item, None))
+                if item is _DONE:
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            ahead.put((_DONE, e))
+        finally:
+            if hasattr(it, "close"):  # a generator's cleanup runs here, on its own thread
+                it.close()
+
+    thread = threading.Thread(target=produce, name="weightsmith-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ahead.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+            slots.release()  # the consumer is done with the item: one more may be made
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Background:
+    """Runs calls one at a time on a worker thread; `submit` first waits for the call before.
+
+    Leaving the `with` waits for the last call; its exception, if any, is raised then (unless
+    an exception is already leaving the block, which wins).
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-bg")
+        self._pending: Future | None = None
+
+    def submit(self, fn: Callable[..., object], *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Wait for the call in flight; raise its exception."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            elif self._pending is not None:
+                self._pending.exception()  # wait, but let the error in flight win
+        finally:
+            self._pool.shutdown(wait=True)
+
