@@ -44,14 +44,14 @@ TARGET_FLAT_FACTOR, TARGET_FLAT_SLACK = 1.25, 50 * c.MB  # 4x RSS <= 1x RSS * 1.
 
 # --codec variants: (label, TIFF_COMPRESSION, Zarr codec name, images mode)
 CODEC_VARIANTS = [
-    ("default: tiff none + zarr none", None, "none", "all"),
-    ("tiff zstd + zarr none", "zstd", "none", "all"),
-    ("tiff zlib + zarr none", "zlib", "none", "all"),
-    ("tiff none + zarr blosc-lz4", None, "blosc-lz4", "all"),
+    ("default: tiff none + zarr blosc-lz4", None, "blosc-lz4", "all"),
+    ("tiff zstd + zarr blosc-lz4", "zstd", "blosc-lz4", "all"),
+    ("tiff zlib + zarr blosc-lz4", "zlib", "blosc-lz4", "all"),
+    ("tiff none + zarr none", None, "none", "all"),
     ("tiff none + zarr blosc-zstd-1", None, "blosc-zstd-1", "all"),
     ("tiff none + zarr zstd-0", None, "zstd-0", "all"),
-    ("images preview (zarr none + PNG)", None, "none", "preview"),
-    ("images none (zarr none only)", None, "none", "none"),
+    ("images preview (zarr blosc-lz4 + PNG)", None, "blosc-lz4", "preview"),
+    ("images none (zarr blosc-lz4 only)", None, "blosc-lz4", "none"),
 ]
 
 

@@ -12,16 +12,17 @@ import math
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 from weightsmith import dtypes
 from weightsmith.store.store import Store
 
 CHUNK_BYTES = 8 << 20  # ~8 MB chunks: few objects on S3, cheap partial reads
-# No compression: float weights are close to noise. blosc lz4 with byte shuffle (the fastest
-# codec measured here, bench/extract.py --codec) saved 0% on the random-init benchmark model
-# (a few % to ~10% on trained float weights) and cost ~0.7 CPU-s per 500 MB, more than the
-# disk write it saves; zlib/zstd cost more still. Arrays written with a codec stay readable.
-_COMPRESSORS = None
+# Compressed, as cheaply as possible: blosc lz4 level 1 with byte shuffle, the fastest codec
+# measured here (bench/extract.py --codec). On the random-init benchmark model it saves ~0% and
+# costs ~0.2-0.7 CPU-s per 500 MB over no codec; trained weights save a few % to ~10% (float32),
+# more for BF16 and for the zero-filled tensors. Arrays written with another codec stay readable.
+_COMPRESSORS = [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")]
 RECORD = "weightsmith"
 
 
