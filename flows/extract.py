@@ -22,7 +22,7 @@ from weightsmith.extract import ExtractOptions, new_run_id, run_facts, with_gene
 from weightsmith.model import parse_model_url
 
 
-@flow(name="extract-model", task_runner=make_runner("threads", 4), validate_parameters=True)
+@flow(name="extract-model", task_runner=make_runner("threads"), validate_parameters=True)
 def extract_model(
     source: str,
     store: str | None = None,

@@ -110,7 +110,7 @@ def extract(
     wait: Annotated[float, typer.Option(help="Seconds to wait for another run of the same model.")] = 0.0,
     no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Call the library directly.")] = False,
     task_runner: Annotated[str, typer.Option(help="threads, processes or dask.")] = "threads",
-    workers: Annotated[int, typer.Option(help="Units extracted at once.")] = 4,
+    workers: Annotated[int, typer.Option(help="Units extracted at once (default: cores, at most 4).")] = 0,
     dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler (with dask).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -157,12 +157,13 @@ def _flow(name: str, task_runner: str, workers: int, dask_address: str | None):
     """A flow with the chosen task runner, Prefect configured for the embedded default."""
     state.configure_prefect()
     from flows import registry
-    from flows.runners import RUNNERS, make_runner
+    from flows.runners import DEFAULT_WORKERS, RUNNERS, make_runner
 
     if task_runner not in RUNNERS:
         raise WeightsmithError("--task-runner", f"unknown runner {task_runner!r} (choose from {', '.join(RUNNERS)})")
     _quiet_prefect()
-    return registry.FLOWS[name].with_options(task_runner=make_runner(task_runner, workers, dask_address))
+    runner = make_runner(task_runner, workers or DEFAULT_WORKERS, dask_address)
+    return registry.FLOWS[name].with_options(task_runner=runner)
 
 
 def _quiet_prefect() -> None:
