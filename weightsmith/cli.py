@@ -157,13 +157,19 @@ def _flow(name: str, task_runner: str, workers: int, dask_address: str | None):
     """A flow with the chosen task runner, Prefect configured for the embedded default."""
     state.configure_prefect()
     from flows import registry
-    from flows.runners import DEFAULT_WORKERS, RUNNERS, make_runner
+    from flows.runners import DEFAULT_WORKERS, RUNNERS, embedded_settings, make_runner
 
     if task_runner not in RUNNERS:
         raise WeightsmithError("--task-runner", f"unknown runner {task_runner!r} (choose from {', '.join(RUNNERS)})")
     _quiet_prefect()
     runner = make_runner(task_runner, workers or DEFAULT_WORKERS, dask_address)
-    return registry.FLOWS[name].with_options(task_runner=runner)
+    chosen = registry.FLOWS[name].with_options(task_runner=runner)
+
+    def call(**parameters):
+        with embedded_settings():
+            return chosen(**parameters)
+
+    return call
 
 
 def _quiet_prefect() -> None:
