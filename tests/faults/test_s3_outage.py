@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fault_helpers import wait_until, write_model
+from fault_helpers import count_whole_tensors, wait_until, write_model
 
 from flows.extract import extract_model
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import MANIFEST, parse_model_url
 from weightsmith.seaweed import S3Server, start_s3_server
 from weightsmith.store import arrays
-from weightsmith.verify import array_sha256, verify
+from weightsmith.verify import verify
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("prefect_harness")]
 
@@ -180,18 +180,7 @@ def finished_tensors(client, prefix: str) -> int:
 
 def assert_finished_tensors_are_whole(model_url: str, reference: dict) -> int:
     """Every tensor that has a record holds exactly the reference's values and artifacts."""
-    model = parse_model_url(model_url)
-    finished = 0
-    for name, ref_record in reference["tensors"].items():
-        record = arrays.read_record(model.store, model.tensor_key(name))
-        if record is None:
-            continue
-        finished += 1
-        assert record == ref_record, name
-        assert array_sha256(model, record) == record["sha256"], name
-        for kind in ("tiff", "png"):
-            assert model.store.exists(record["artifacts"][kind]), (name, kind)
-    return finished
+    return count_whole_tensors(parse_model_url(model_url), reference["tensors"], reference["tensors"], images=True)
 
 
 def run_flow_in_thread(source: str, store: str, unit_bytes: int) -> tuple[threading.Thread, dict]:

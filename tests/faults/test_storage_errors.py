@@ -26,13 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fault_helpers import write_model
+from fault_helpers import count_whole_tensors, write_model
 
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import parse_model_url
 from weightsmith.seaweed import S3Server
 from weightsmith.store import Store, arrays
-from weightsmith.verify import array_sha256, verify
+from weightsmith.verify import verify
 
 BIG_TENSORS = 12
 
@@ -99,15 +99,7 @@ def assert_unpublished_and_whole(model_url: str) -> int:
     Returns how many tensors are finished."""
     model = parse_model_url(model_url)
     assert not model.is_complete()
-    finished = 0
-    for i in range(BIG_TENSORS):
-        record = arrays.read_record(model.store, model.tensor_key(f"layer.{i}.weight"))
-        if record is not None:
-            finished += 1
-            assert array_sha256(model, record) == record["sha256"]
-            for kind in ("tiff", "png"):
-                assert model.store.exists(record["artifacts"][kind])
-    return finished
+    return count_whole_tensors(model, (f"layer.{i}.weight" for i in range(BIG_TENSORS)), images=True)
 
 
 # --- mounts ---------------------------------------------------------------------------------
