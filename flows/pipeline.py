@@ -31,6 +31,7 @@ def weightsmith_pipeline(
     samples: int = 2,
     seed: int = 0,
     zoo: str | None = None,
+    joint: bool = False,
     text: str | None = None,
     noise_radii: list[float] | None = None,
     device: str = "auto",
@@ -45,7 +46,7 @@ def weightsmith_pipeline(
         store=store or bucket_url or state.default_store(), name=name, revision=revision,
         stages=tuple(stages or ("extract", "weight-stats")), layers=tuple(tuple(g) for g in layers or ()),
         generators=tuple(generators or ("tile-diffusion",)), generator_config=generator_config or {},
-        samples=samples, seed=seed, zoo=zoo, text=text,
+        samples=samples, seed=seed, zoo=zoo, joint=joint, text=text,
         noise_radii=tuple(noise_radii or PipelineOptions.model_fields["noise_radii"].default),
         device=device, images=images, run_id=run_id,
     )

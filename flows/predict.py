@@ -29,11 +29,11 @@ DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
 def predict_layer(model_url: str, layer: list[str], generator: str, config: dict | None = None,
                   chunk_size: str | None = None, chunk_offset: int = 0, samples: int = 1, seed: int = 0,
                   device: str = "auto", zoo: str | None = None, images: str = "all",
-                  credentials: str | None = None, run_id: str | None = None) -> dict:
+                  credentials: str | None = None, run_id: str | None = None, joint: bool = False) -> dict:
     """Fit/sample `generator` on the tensors matching `layer`; returns the prediction run."""
     options = PredictOptions(layer=tuple(layer), generator=generator, config=config or {},
                              chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
-                             device=device, zoo=zoo, images=images, run_id=run_id)
+                             device=device, zoo=zoo, joint=joint, images=images, run_id=run_id)
     result = t.predict(model_url, options, credentials)
     result["host_device_env"] = os.environ.get("DEVICE", "")
     get_run_logger().info("prediction %s on %s", result["run_url"], ", ".join(result["devices"]))
@@ -74,11 +74,11 @@ def choose_pool() -> tuple[str, str]:
 def dispatch_predict(model_url: str, layer: list[str], generator: str, config: dict | None = None,
                      chunk_size: str | None = None, chunk_offset: int = 0, samples: int = 1, seed: int = 0,
                      device: str = "auto", zoo: str | None = None, images: str = "all",
-                     credentials: str | None = None, gpu_timeout: float = 600.0) -> dict:
+                     credentials: str | None = None, gpu_timeout: float = 600.0, joint: bool = False) -> dict:
     """Send the prediction to the GPU pool, the CPU pool or run it here; record why."""
     params = dict(model_url=model_url, layer=layer, generator=generator, config=config or {},
                   chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
-                  device=device, zoo=zoo, images=images, credentials=credentials)
+                  device=device, zoo=zoo, images=images, credentials=credentials, joint=joint)
     use_credentials(credentials)
     pool, reason = choose_pool()
     attempts: list[tuple[str, str]] = []

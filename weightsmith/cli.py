@@ -233,6 +233,7 @@ def predict(
     seed: Annotated[int, typer.Option(help="Same seed, same device: same values.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (auto: $DEVICE, else CUDA if present).")] = "auto",
     zoo: Annotated[str | None, typer.Option(help="Fit on zoos/<id>/ checkpoints.")] = None,
+    joint: Annotated[bool, typer.Option("--joint", help="One fit per shape: same-shape tensors stacked.")] = False,
     config: Annotated[str | None, typer.Option(help="Generator options as JSON or a YAML/JSON file.")] = None,
     model_dir: Annotated[str | None, typer.Option(help="img2img: local diffusers pipeline folder.")] = None,
     images: Annotated[str, typer.Option(help="all, preview or none.")] = "all",
@@ -247,7 +248,7 @@ def predict(
         cfg["model_dir"] = model_dir
     options = _options(PredictOptions, layer=tuple(layer), generator=generator, config=cfg,
                        chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
-                       device=device, zoo=zoo, images=images)
+                       device=device, zoo=zoo, joint=joint, images=images)
     _check_predict_input(model_url, options)
     resolve_device(options.device)
     if no_prefect:
@@ -257,7 +258,8 @@ def predict(
         return
     flow = _flow("predict", "threads", 1, None)
     result = flow(model_url=model_url, layer=list(layer), generator=generator, config=cfg, chunk_size=chunk_size,
-                  chunk_offset=chunk_offset, samples=samples, seed=seed, device=device, zoo=zoo, images=images)
+                  chunk_offset=chunk_offset, samples=samples, seed=seed, device=device, zoo=zoo, images=images,
+                  joint=joint)
     err.print(f"ran on {result['pool']} ({result['reason']}); devices: {', '.join(result['devices'])}")
     print(result["run_url"])
 
@@ -295,6 +297,8 @@ def _check_predict_input(model_url: str, options) -> None:
     gen.config(options.config)
     if options.chunk_size:
         parse_size(options.chunk_size)
+        if options.joint:
+            raise WeightsmithError("--joint", "cannot be combined with --chunk-size")
 
 
 @app.command()
@@ -310,6 +314,8 @@ def run(
     samples: Annotated[int, typer.Option(help="Candidates per generator and group.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of every generator and baseline.")] = 0,
     zoo: Annotated[str | None, typer.Option(help="zoos/<id>/ to fit zoo generators on.")] = None,
+    joint: Annotated[bool, typer.Option("--joint", help="Generators fit a group's same-shape tensors as one stack.")]
+    = False,
     text: Annotated[str | None, typer.Option(help="Held-out text file for lm-eval.")] = None,
     config: Annotated[str | None, typer.Option(help="Generator options: JSON or YAML {generator: {...}}.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -322,7 +328,7 @@ def run(
                        stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
                        layers=tuple(tuple(g.strip() for g in group.split(",") if g.strip()) for group in layer or ()),
                        generators=tuple(generator or ("tile-diffusion",)), generator_config=_load_config(config),
-                       samples=samples, seed=seed, zoo=zoo, text=text, device=device)
+                       samples=samples, seed=seed, zoo=zoo, joint=joint, text=text, device=device)
     check(options)
     if text and not os.path.isfile(text):
         raise WeightsmithError(text, "no such text file")
@@ -336,8 +342,8 @@ def run(
         flow = _flow("run", "threads", 4, None)
         out_ = flow(source=source, store=options.store, name=name, stages=list(options.stages),
                     layers=[list(g) for g in options.layers], generators=list(options.generators),
-                    generator_config=options.generator_config, samples=samples, seed=seed, zoo=zoo, text=text,
-                    device=device)
+                    generator_config=options.generator_config, samples=samples, seed=seed, zoo=zoo, joint=joint,
+                    text=text, device=device)
         reports, verdicts = out_["reports"], out_["verdicts"]
     for v in verdicts:
         err.print(v, highlight=False)

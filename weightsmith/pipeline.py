@@ -42,6 +42,7 @@ class PipelineOptions(BaseModel):
     samples: int = Field(2, ge=1)  # candidates per generator and group
     seed: int = Field(0, ge=0)
     zoo: str | None = None  # zoos/<id>/ of the chosen tensors: fit zoo generators on it
+    joint: bool = False  # generators (not baselines) fit a group's same-shape tensors as one stack
     text: str | None = None  # held-out text for lm-perplexity / embedding-similarity
     noise_radii: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # noise baselines (std units)
     device: str = "auto"
@@ -96,8 +97,10 @@ def predict_group(model: ModelRef, run_id: str, gi: int, group: tuple[str, ...],
         return pred_id
     model.store.delete(model.key("predictions", pred_id))  # leftovers of an interrupted try
     zoo = options.zoo if (generator in ZOO_BASELINES or generator.startswith("zoo")) else None
+    # Baselines stay per tensor: per-tensor scales and permutations are the stronger baselines.
+    joint = options.joint and generator in options.generators
     predict(model.url, PredictOptions(layer=group, generator=generator, config=config, samples=options.samples,
-                                      seed=options.seed, device=options.device, zoo=zoo,
+                                      seed=options.seed, device=options.device, zoo=zoo, joint=joint,
                                       images=options.images, run_id=pred_id))
     return pred_id
 

@@ -6,6 +6,9 @@ unchanged -> `samples` draws -> `predictions/<run-id>/tensors/<key>.zarr` (sampl
 (n, *shape), float32) with a TIFF and PNG per sample -> `prediction.json`, written last, with
 the generator, its config, the seed, the device of every sample and the training data.
 With a chunk size, each sample is the source tensor with one run of elements replaced.
+With `joint`, tensors of one shape are fitted together as one stack (n, *shape) (e.g. every
+LayerNorm weight and bias of a model: one fit instead of dozens, and samples that keep the
+tensors' joint structure), and each sample is split back into its tensors.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class PredictOptions(BaseModel):
     seed: int = Field(0, ge=0)  # same seed, same device -> same values
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: $DEVICE, else CUDA when present
     zoo: str | None = None  # fit on zoos/<id>/ (K checkpoints) instead of the model alone
+    joint: bool = False  # one fit per shape: same-shape tensors stacked (n, *shape), not one per tensor
     images: Literal["all", "preview", "none"] = "all"  # TIFF + PNG per sample, PNG, or neither
     run_id: str | None = None  # default: a new time-stamped id
 
@@ -108,29 +112,35 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
     prefix = model.key("predictions", run_id)
     if model.store.exists(f"{prefix}/{PREDICTION}"):
         raise WeightsmithError(model.store.url_of(prefix), "this prediction run is already complete")
+    if options.joint and options.chunk_size is not None:
+        raise WeightsmithError("--joint", "cannot be combined with --chunk-size")
     started = time.time()
     entries, devices = {}, []
-    for record in records:
-        name = record["name"]
-        examples = _examples(model, record, options.zoo)
+    for batch in fit_batches(records, options.joint):
+        examples = _examples(model, batch, options.zoo)
         state, state_key, reused = _fit_or_reuse(model, gen, examples, options.config)
         chunk = None
         if options.chunk_size is not None:
-            chunk = chunk_region(tuple(record["shape"]), parse_size(options.chunk_size), options.chunk_offset)
-        result = gen.sample(state, options.samples, SampleSpec(tuple(record["shape"]), chunk), options.seed)
+            chunk = chunk_region(examples.shape, parse_size(options.chunk_size), options.chunk_offset)
+        result = gen.sample(state, options.samples, SampleSpec(examples.shape, chunk), options.seed)
         if any(d.startswith("cuda") and "cpu" in d for d in result.devices):
-            warnings.warn(f"{name}: CUDA ran out of memory; some samples were computed on CPU", stacklevel=2)
+            warnings.warn(f"{examples.name}: CUDA ran out of memory; some samples were computed on CPU",
+                          stacklevel=2)
         base = examples.values[0] if chunk is not None else None
-        samples = [splice(base, a, chunk.offset) if chunk is not None else a for a in result.arrays]
-        entries[name] = _write_samples(model, prefix, record, samples, options.images)
-        entries[name].update({
-            "generator_state": state_key, "fingerprint": state.fingerprint, "reused_state": reused,
-            "devices": result.devices, "chunk": None if chunk is None else chunk.to_dict(),
-            "training": {"zoo": options.zoo, "checkpoints": examples.k},
-        })
+        drawn = [splice(base, a, chunk.offset) if chunk is not None else a for a in result.arrays]
+        for j, record in enumerate(batch):
+            name = record["name"]
+            samples = [a[j] for a in drawn] if len(batch) > 1 else drawn
+            entries[name] = _write_samples(model, prefix, record, samples, options.images)
+            entries[name].update({
+                "generator_state": state_key, "fingerprint": state.fingerprint, "reused_state": reused,
+                "devices": result.devices, "chunk": None if chunk is None else chunk.to_dict(),
+                "training": {"zoo": options.zoo, "checkpoints": examples.k},
+                "fitted_with": [r["name"] for r in batch],
+            })
+            if progress:
+                progress(1, name)
         devices += result.devices
-        if progress:
-            progress(1, name)
     model.store.write_json(f"{prefix}/{PREDICTION}", {
         "format": "weightsmith-prediction/1",
         "tool": {"name": "weightsmith", "version": __version__},
@@ -150,12 +160,27 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
     return PredictionResult(model.store.url_of(prefix), run_id, list(entries), devices)
 
 
-def _examples(model: ModelRef, record: dict, zoo: str | None) -> Examples:
-    if zoo is None:
-        return Examples(record["name"], read_values(model, record)[None])
-    from weightsmith.zoo import read_zoo_tensor
+def fit_batches(records: list[dict], joint: bool) -> list[list[dict]]:
+    """The tensors fitted together: each alone, or (joint) all of one shape, in first-seen order."""
+    if not joint:
+        return [[r] for r in records]
+    by_shape: dict[tuple, list[dict]] = {}
+    for r in records:
+        by_shape.setdefault(tuple(r["shape"]), []).append(r)
+    return list(by_shape.values())
 
-    return Examples(record["name"], read_zoo_tensor(model.store, zoo, record["name"]))
+
+def _examples(model: ModelRef, batch: list[dict], zoo: str | None) -> Examples:
+    """The batch's K examples: (K, *shape) for one tensor, (K, n, *shape) for n stacked."""
+    if zoo is None:
+        stacks = [read_values(model, r)[None] for r in batch]
+    else:
+        from weightsmith.zoo import read_zoo_tensor
+
+        stacks = [read_zoo_tensor(model.store, zoo, r["name"]) for r in batch]
+    if len(batch) == 1:
+        return Examples(batch[0]["name"], stacks[0])
+    return Examples(" + ".join(r["name"] for r in batch), np.stack(stacks, axis=1))
 
 
 def _fit_or_reuse(model: ModelRef, gen, examples: Examples, config: dict):

@@ -35,7 +35,7 @@ from weightsmith.vet import (
     noise_radii,
     vet,
 )
-from weightsmith.vet.report import frontier
+from weightsmith.vet.report import _groups, _verdicts, frontier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,6 +221,28 @@ def test_frontier_on_hand_made_points() -> None:
         "c-tie": "beyond",
         "c-nan": None,
     }
+
+
+def test_beyond_only_by_novelty_is_said_plainly() -> None:
+    def result(id_: str, kind: str, quality: float, novelty: float) -> EntryResult:
+        metrics = {"lm-perplexity": {"nll_per_byte": quality}, "weight-stats": {"novelty": novelty}}
+        return EntryResult(id_, id_, kind, id_, 0, {}, metrics, {})
+
+    entries = [
+        result("original", "original", 2.0, 0.0),
+        result("b-far", "baseline", 3.0, 1.0),
+        result("c-far-worse", "candidate", 3.5, 1.5),  # beyond only because nothing is as novel
+        result("c-far-better", "candidate", 2.9, 1.5),  # more novel and better: plainly beyond
+        result("c-mid", "candidate", 2.5, 0.5),  # b-far is as novel and worse: plainly beyond
+    ]
+    primary = "lm-perplexity/nll_per_byte"
+    points = frontier(entries, primary, "lower")
+    groups = _groups(entries, primary, "lower")
+    sentences = {v.candidate: v.sentence for v in _verdicts(entries, groups, points, primary, "lower")}
+    assert all("beyond" in s for s in sentences.values())
+    assert "only because no baseline is as novel: b-far" in sentences["c-far-worse"]
+    assert "only because" not in sentences["c-far-better"]
+    assert "only because" not in sentences["c-mid"]
 
 
 # --- the report's views -------------------------------------------------------------------

@@ -486,6 +486,7 @@ def _verdicts(entries, groups, points, primary: str, better: str) -> list[Verdic
                 f". At novelty {_fmt(p.novelty)} it lies beyond the baselines' "
                 "quality-novelty frontier"
             )
+            sentence += _only_by_novelty(p, points, better)
         elif p.frontier == "inside":
             rival = max(
                 (
@@ -512,6 +513,20 @@ def _verdicts(entries, groups, points, primary: str, better: str) -> list[Verdic
             )
         )
     return verdicts
+
+
+def _only_by_novelty(p: Point, points: Sequence[Point], better: str) -> str:
+    """A clause for a candidate 'beyond' the frontier only because no baseline is as novel."""
+    rated = [q for q in points if q.kind == "baseline" and q.frontier is not None]
+    if not rated or any(q.novelty >= p.novelty for q in rated):
+        return ""
+    most = max(rated, key=lambda q: (q.novelty, _score(q.quality, better)))
+    if _score(most.quality, better) <= _score(p.quality, better):
+        return ""
+    return (
+        f", but only because no baseline is as novel: {most.id}, the most novel baseline "
+        f"(novelty {_fmt(most.novelty)}), is better"
+    )
 
 
 def _histogram(name: str, entries: Sequence[Entry], bins: int) -> Histogram:

@@ -1,0 +1,88 @@
+"""Predict on a local store with a tiny real GPT-2: one fit per tensor, or (joint) one fit per
+shape with the tensors stacked, split back into each tensor's own entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from weightsmith.demo import SIZES, build_gpt2
+from weightsmith.errors import WeightsmithError
+from weightsmith.extract import ExtractOptions, extract
+from weightsmith.generators import state_from_bytes
+from weightsmith.model import parse_model_url
+from weightsmith.predict import PredictOptions, fit_batches, predict, read_values
+from weightsmith.store import arrays
+
+LAYER_NORMS = ("transformer.h.*.ln_*", "transformer.ln_f.*")  # 10 vectors of one shape (64,)
+
+
+@pytest.fixture(scope="module")
+def model_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("predict")
+    folder = build_gpt2(root / "gpt", *SIZES["tiny"])
+    return extract(str(folder), ExtractOptions(store=str(root / "store"), images="none")).model_url
+
+
+def _run(url: str, **kw) -> tuple[dict, dict[str, list[np.ndarray]]]:
+    """prediction.json and each tensor's samples."""
+    options = PredictOptions(**{"images": "none", "device": "cpu", **kw})
+    result = predict(url, options)
+    model = parse_model_url(url)
+    facts = model.store.read_json(model.key("predictions", result.run_id, "prediction.json"))
+    values = {name: list(np.asarray(arrays.open_array(model.store, e["zarr"])[...]))
+              for name, e in facts["tensors"].items()}
+    return facts, values
+
+
+def test_fit_batches_group_by_shape_in_first_seen_order() -> None:
+    records = [{"name": "a", "shape": [4]}, {"name": "m", "shape": [2, 3]}, {"name": "b", "shape": [4]}]
+    assert [[r["name"] for r in b] for b in fit_batches(records, joint=False)] == [["a"], ["m"], ["b"]]
+    assert [[r["name"] for r in b] for b in fit_batches(records, joint=True)] == [["a", "b"], ["m"]]
+
+
+def test_joint_fits_once_per_shape_and_splits_samples(model_url: str) -> None:
+    model = parse_model_url(model_url)
+    facts, values = _run(model_url, layer=LAYER_NORMS, generator="permute", samples=2)
+    names = list(facts["tensors"])
+    assert len(names) == 10 and facts["options"]["joint"] is False
+    assert len({e["generator_state"] for e in facts["tensors"].values()}) == 10  # one fit each
+
+    joint_facts, joint_values = _run(model_url, layer=LAYER_NORMS, generator="permute", samples=2, joint=True)
+    entries = joint_facts["tensors"]
+    assert list(entries) == names
+    assert len({e["generator_state"] for e in entries.values()}) == 1  # one fit for all ten
+    assert all(e["fitted_with"] == names for e in entries.values())
+    state = state_from_bytes(model.store.read_bytes(entries[names[0]]["generator_state"]))
+    assert state.shape == (10, 64) and state.tensor == " + ".join(names)
+
+    originals = {n: read_values(model, model.manifest()["tensors"][n]) for n in names}
+    for i in range(2):
+        # per tensor: each sample is a permutation of its own tensor (weights stay 1, biases 0);
+        # jointly: values move between tensors, and all of them together are a permutation.
+        for n in names:
+            assert values[n][i].shape == joint_values[n][i].shape == originals[n].shape
+            assert np.array_equal(np.sort(values[n][i]), np.sort(originals[n]))
+        assert any(not np.array_equal(np.sort(joint_values[n][i]), np.sort(originals[n])) for n in names)
+        together = np.concatenate([joint_values[n][i] for n in names])
+        assert np.array_equal(np.sort(together), np.sort(np.concatenate(list(originals.values()))))
+
+
+def test_joint_of_one_tensor_is_the_plain_fit(model_url: str) -> None:
+    name = "transformer.h.0.mlp.c_fc.weight"
+    _, plain = _run(model_url, layer=(name,), generator="noise", config={"radius": 0.3}, seed=3)
+    facts, joint = _run(model_url, layer=(name,), generator="noise", config={"radius": 0.3}, seed=3, joint=True)
+    assert facts["tensors"][name]["fitted_with"] == [name]
+    assert all(np.array_equal(a, b) for a, b in zip(plain[name], joint[name], strict=True))
+
+
+def test_joint_refuses_a_chunk(model_url: str) -> None:
+    model = parse_model_url(model_url)
+    before = set(model.store.list(model.key("predictions")))
+    with pytest.raises(WeightsmithError, match="--joint.*--chunk-size"):
+        predict(model_url, PredictOptions(layer=LAYER_NORMS, generator="noise", joint=True, chunk_size="128B",
+                                          images="none", device="cpu"))
+    assert set(model.store.list(model.key("predictions"))) == before  # nothing written
