@@ -4,10 +4,9 @@ shape with the tensors stacked, split back into each tensor's own entry.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+import torch
 
 from weightsmith.demo import SIZES, build_gpt2
 from weightsmith.errors import WeightsmithError
@@ -86,3 +85,15 @@ def test_joint_refuses_a_chunk(model_url: str) -> None:
         predict(model_url, PredictOptions(layer=LAYER_NORMS, generator="noise", joint=True, chunk_size="128B",
                                           images="none", device="cpu"))
     assert set(model.store.list(model.key("predictions"))) == before  # nothing written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_predict_on_cuda(model_url: str) -> None:
+    tiny = {"tile": 16, "ae_channels": 16, "block_out_channels": [16, 32], "ae_train_steps": 20,
+            "unet_train_steps": 40, "batch_size": 16, "sample_steps": 4}
+    facts, values = _run(model_url, layer=LAYER_NORMS, generator="tile-diffusion", config=tiny, samples=2,
+                         joint=True, device="auto")
+    assert facts["device"]["resolved"] == "cuda"
+    assert {d for e in facts["tensors"].values() for d in e["devices"]} == {"cuda:0"}
+    assert all(np.isfinite(v).all() and v.shape == (64,) for vs in values.values() for v in vs)

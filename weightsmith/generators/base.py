@@ -145,6 +145,16 @@ class SampleResult:
     seed: int  # the seed they were drawn with
 
 
+def device_name(device) -> str:
+    """How samples name their device: "cuda:0" for a bare "cuda" (the current GPU), else as is."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(dev)
+
+
 def state_to_bytes(state: State) -> bytes:
     """The state as .npz bytes (arrays + one JSON member); never pickled."""
     meta = {

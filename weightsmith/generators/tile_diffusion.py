@@ -45,6 +45,7 @@ from weightsmith.generators.base import (
     SampleResult,
     SampleSpec,
     State,
+    device_name,
     sample_seed,
 )
 
@@ -195,7 +196,7 @@ class TileDiffusion(Generator):
                     fell_back = True
                 tiles[b0 : b0 + batch.size] = out
             arrays.append(_assemble(layout, index, tiles, spec))
-            name = _device_name(dev)
+            name = device_name(dev)
             devices.append(f"{name}->cpu" if fell_back else name)
         return SampleResult(arrays=arrays, devices=devices, seed=seed)
 
@@ -299,12 +300,6 @@ def _to_arrays(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray]:
         prefix + k: v.detach().cpu().numpy().astype(np.float32)
         for k, v in module.state_dict().items()
     }
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda" and dev.index is None:
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(dev)
 
 
 # ---------------------------------------------------------------------------------------------

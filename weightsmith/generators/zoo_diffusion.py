@@ -54,6 +54,7 @@ from weightsmith.generators.base import (
     SampleResult,
     SampleSpec,
     State,
+    device_name,
     moments,
     sample_seed,
 )
@@ -202,7 +203,7 @@ class ZooDiffusion(Generator):
                     device = "cpu"
                     out = run(device, gens)
                 arrays += [a.reshape(spec.out_shape) for a in out]
-                devices += [str(nets[device].device)] * len(out)
+                devices += [device_name(nets[device].device)] * len(out)
         return SampleResult(arrays=arrays, devices=devices, seed=seed)
 
 
