@@ -1,7 +1,8 @@
 """The `weightsmith-pipeline` flow: extract -> predict -> assemble -> vet -> report.
 
 Extraction runs as the `extract-model` subflow (its per-unit fan-out); predictions of a layer
-group fan out over generators and baselines, candidates over samples. Every stage's artifacts
+group fan out over generators and baselines (all groups at once, so one group is vetted while
+the next is still fitting), candidates over samples. Every stage's artifacts
 are in the store under ids derived from the run id, so re-running the same request resumes.
 """
 
@@ -60,10 +61,12 @@ def weightsmith_pipeline(
 
     original = t.assemble.submit(model_url, None, 0, rid, credentials)
     reports, verdicts = [], []
+    plan = predictions_plan(options)
+    # Every group's predictions start now, so later groups fit while earlier ones are vetted.
+    pending = [[t.predict_run.submit(model_url, rid, gi, group, label, gen, cfg, options, credentials)
+                for label, gen, cfg, _kind in plan] for gi, group in enumerate(options.layers)]
     for gi, group in enumerate(options.layers):
-        plan = predictions_plan(options)
-        futures = [t.predict_run.submit(model_url, rid, gi, group, label, gen, cfg, options, credentials)
-                   for label, gen, cfg, _kind in plan]
+        futures = pending[gi]
         runs = [(label, gen, kind, cfg, f.result()) for (label, gen, cfg, kind), f in zip(plan, futures, strict=True)]
         generated = [r[4] for r in runs if r[2] == "candidate"]
         runs += [tuple(r) for r in t.novelty_noise(model_url, rid, gi, group, generated, options, credentials)]

@@ -30,10 +30,11 @@ class LMSpec:
     heads: int = 4  # attention heads
     context: int = 128  # tokens (bytes) per window
     batch: int = 16  # windows per step
-    max_steps: int = 1500  # training stops here if no plateau came first
+    decay_steps: int = 1500  # the learning rate's cosine decay to 10%, then held there
+    max_steps: int = 2500  # training stops here if no plateau came first
     eval_every: int = 100  # steps between held-out evaluations
-    patience: int = 3  # evaluations without 1% improvement that mean "plateau"
-    lr: float = 3e-3  # AdamW learning rate (cosine decay to 10%)
+    patience: int = 3  # evaluations in a row without 1% improvement that mean "plateau"
+    lr: float = 3e-3  # AdamW peak learning rate
     train_bytes: int = 4_000_000  # corpus budget
     heldout_bytes: int = 200_000
     seed: int = 0
@@ -41,8 +42,8 @@ class LMSpec:
 
 SPECS = {
     "full": LMSpec(),
-    "tiny": LMSpec(layers=2, width=64, heads=2, context=64, batch=16, max_steps=300, eval_every=50,
-                   train_bytes=400_000, heldout_bytes=40_000),
+    "tiny": LMSpec(layers=2, width=64, heads=2, context=64, batch=16, decay_steps=300, max_steps=500,
+                   eval_every=50, train_bytes=400_000, heldout_bytes=40_000),
 }
 
 
@@ -108,7 +109,7 @@ def train_lm(folder: Path, spec: LMSpec, progress: Callable[[int, int, float], N
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.max_steps))))
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.decay_steps))))
     best, stale, history, step = math.inf, 0, [], 0
     for step, x in enumerate(_batches(train_ids, spec.context, spec.batch, rng), start=1):
         loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
