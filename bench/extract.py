@@ -57,14 +57,17 @@ CODEC_VARIANTS = [
 
 # ---------------------------------------------------------------------------------------------
 # the child side
-def _zarr_codecs(name: str):
-    from zarr.codecs import BloscCodec, ZstdCodec
+def _zarr_codecs(name: str) -> list[dict]:
+    """Zarr v3 codec metadata after `bytes`, as `weightsmith.store.arrays._COMPRESSORS` takes it."""
+
+    def blosc(cname: str) -> dict:
+        return {"name": "blosc", "configuration": {"cname": cname, "clevel": 1, "shuffle": "shuffle", "blocksize": 0}}
 
     return {
-        "blosc-lz4": [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
-        "blosc-zstd-1": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
-        "zstd-0": [ZstdCodec(level=0)],
-        "none": None,
+        "blosc-lz4": [blosc("lz4")],
+        "blosc-zstd-1": [blosc("zstd")],
+        "zstd-0": [{"name": "zstd", "configuration": {"level": 0, "checksum": False}}],
+        "none": [],
     }[name]
 
 

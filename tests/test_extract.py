@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import ml_dtypes
@@ -409,7 +410,7 @@ def test_images_all_writes_float_tiff_and_gray_png(images_source: Path, tmp_path
     for name, values in image_tensors().items():
         record = manifest["tensors"][name]
         arts = record["artifacts"]
-        assert set(arts) == {"zarr", "tiff", "tiff_sha256", "png", "png_sha256"}
+        assert set(arts) == {"zarr", "tiff", "png", "png_sha256"}  # verify rebuilds the TIFF
         shape2d = (
             (1, 1)
             if values.ndim == 0
@@ -447,6 +448,48 @@ def test_images_all_writes_float_tiff_and_gray_png(images_source: Path, tmp_path
     stats = manifest["tensors"]["cube"]["stats"]
     assert (stats["min"], stats["max"], stats["mean"], stats["nan"]) == (-30.0, 29.0, -0.5, 0)
     assert verify(result.model_url).ok
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["flip a pixel byte", "flip a header byte", "truncate", "append a byte", "delete"],
+)
+def test_verify_rebuilds_the_tiff_and_notices_damage(images_source: Path, tmp_path: Path, damage: str) -> None:
+    """An uncompressed TIFF has no checksum in the manifest: verify compares it, byte for byte,
+    with the TIFF the array's values make, so any change to the file is caught."""
+    result = extract(str(images_source), ExtractOptions(store=str(tmp_path / "store")))
+    model = model_of(result)
+    path = local(model, model.manifest()["tensors"]["big"]["artifacts"]["tiff"])
+    data = bytearray(path.read_bytes())
+    if damage == "flip a pixel byte":
+        data[len(data) // 2] ^= 1
+    elif damage == "flip a header byte":
+        data[data.index(b'"big"') + 1] ^= 1  # the name in the image description
+    elif damage == "truncate":
+        data = data[:-1]
+    else:
+        data.append(0)
+    if damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(bytes(data))
+    problems = verify(result.model_url).problems
+    assert len(problems) == 1 and problems[0].startswith("tiff of 'big'"), problems
+
+
+def test_a_compressed_tiff_keeps_its_checksum(images_source: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "TIFF_COMPRESSION", "zlib")
+    result = extract(str(images_source), ExtractOptions(store=str(tmp_path / "store")))
+    model = model_of(result)
+    arts = model.manifest()["tensors"]["big"]["artifacts"]
+    assert "tiff_sha256" in arts
+    tiff, _ = images.read_tiff(local(model, arts["tiff"]))
+    assert np.array_equal(tiff, image_tensors()["big"])
+    assert verify(result.model_url).ok
+    path = local(model, arts["tiff"])
+    path.write_bytes(path.read_bytes()[:-1])
+    assert verify(result.model_url).problems == [f"tiff of 'big': {arts['tiff']} does not match its checksum"]
 
 
 def test_images_preview_writes_png_only(images_source: Path, tmp_path: Path) -> None:
@@ -512,6 +555,26 @@ def test_big_tensor_streams_in_row_blocks(tmp_path: Path) -> None:
     assert manifest_bytes(whole) == manifest_bytes(result)
 
 
+def test_reused_read_buffers_never_mix_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read buffer is reused once its block is hashed, in Zarr and imaged: many 1 MB blocks of
+    several tensors (checksum pass included) must still land where they belong, bit for bit."""
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 1 << 20)
+    rng = np.random.default_rng(2)
+    tensors = {f"t{i}": rng.standard_normal((700 + 37 * i, 1024)).astype(np.float32) for i in range(4)}
+    path = tmp_path / "pool" / "model.safetensors"
+    path.parent.mkdir()
+    save_file(tensors, str(path))
+    result = extract(str(path), ExtractOptions(store=str(tmp_path / "store"), block_bytes=1 << 20))
+    model = model_of(result)
+    for name, values in tensors.items():
+        tiff, _ = images.read_tiff(local(model, model.manifest()["tensors"][name]["artifacts"]["tiff"]))
+        assert np.array_equal(tiff, values), name
+    out = tmp_path / "out.safetensors"
+    restore(result.model_url, str(out))
+    assert out.read_bytes() == path.read_bytes()
+    assert verify(result.model_url).ok
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. slug and revision
 
@@ -556,6 +619,33 @@ def test_revision_is_a_content_hash(fixtures_dir: Path, tmp_path: Path) -> None:
     data[-1] ^= 0x01
     b.write_bytes(bytes(data))
     assert extract(str(b), ExtractOptions(store=store, images="none")).revision == rev_a
+
+
+@pytest.mark.parametrize("when", ["after the checksum pass", "while extracting", "replaced"])
+def test_a_source_that_changes_during_the_run_is_an_error(tmp_path: Path, when: str) -> None:
+    """The checksum pass names the revision; the extraction then trusts those checksums only
+    while the file is unchanged (a local file is not hashed twice). Any change, same size
+    included, is an error, and no manifest is written."""
+    path = random_model(tmp_path / "m" / "model.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last value of the last tensor
+    trigger = "checksums" if when == "after the checksum pass" else "a"  # "a" is read, "b" not yet
+    time.sleep(0.02)  # a later clock tick than the file's creation (coarse timestamps, older kernels)
+
+    def progress(nbytes: int, name: str) -> None:
+        if name != trigger:
+            return
+        if when == "replaced":
+            (tmp_path / "new").write_bytes(bytes(data))
+            os.replace(tmp_path / "new", path)
+        else:
+            with open(path, "r+b") as f:  # in place, same size
+                f.seek(len(data) - 1)
+                f.write(data[-1:])
+
+    with pytest.raises(WeightsmithError, match="changed while it was being extracted"):
+        extract(str(path), ExtractOptions(store=str(tmp_path / "store"), images="none"), progress=progress)
+    assert not list((tmp_path / "store").rglob(MANIFEST))
 
 
 def test_revision_covers_the_header(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""prefetch and Background: order, errors in either thread, and no thread left behind."""
+"""prefetch, Background and map_in_order: order, errors in any thread, no thread left behind."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from weightsmith.overlap import Background, prefetch
+from weightsmith.overlap import Background, map_in_order, prefetch
 
 
 def test_prefetch_keeps_order_and_stays_one_item_ahead() -> None:
@@ -77,3 +77,39 @@ def test_an_error_in_the_block_wins_over_the_background_one() -> None:
     with pytest.raises(KeyError), Background() as bg:
         bg.submit(lambda: 1 / 0)
         raise KeyError("first")
+
+
+def test_map_in_order_keeps_order_and_a_bound_on_calls_in_flight() -> None:
+    lock = threading.Lock()
+    now, most = 0, 0
+
+    def work(i: int) -> int:
+        nonlocal now, most
+        with lock:
+            now += 1
+            most = max(most, now)
+        time.sleep(0.01 * (i % 3))  # later items may finish first
+        with lock:
+            now -= 1
+        return i * i
+
+    assert list(map_in_order(work, range(9), 2)) == [i * i for i in range(9)]
+    assert most == 2
+
+
+def test_map_in_order_error_cancels_the_rest_and_waits_for_the_running() -> None:
+    started: list[int] = []
+    finished: list[int] = []
+
+    def work(i: int) -> int:
+        started.append(i)
+        if i == 1:
+            raise OSError("disk gone")
+        time.sleep(0.05)
+        finished.append(i)
+        return i
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(map_in_order(work, range(10), 2))
+    assert sorted(started) == sorted(finished + [1]) and len(started) <= 4  # none still running
+    assert not [t for t in threading.enumerate() if t.name.startswith("weightsmith-map")]

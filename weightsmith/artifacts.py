@@ -22,7 +22,8 @@ def write_images(store: Store, tiff_key: str, png_key: str, name: str, shape, dt
                  bands: Iterable[np.ndarray], mode: str) -> tuple[dict, dict]:
     """Consume the float32 bands: statistics always, TIFF/PNG as `mode` (all|preview|none) asks.
 
-    Returns (statistics, artifacts): artifact keys with the sha256 of each file written.
+    Returns (statistics, artifacts): artifact keys, with the sha256 of the PNG and of a
+    compressed TIFF (an uncompressed one is checked against the array's values instead).
     """
     stats = RunningStats()
     shape2d = images.view_2d(tuple(shape))
@@ -42,12 +43,14 @@ def write_images(store: Store, tiff_key: str, png_key: str, name: str, shape, dt
         tmp = _tmp_path(store, ".tiff")
         try:
             meta = {"name": name, "shape": list(shape), "dtype": dtype}
-            artifacts["tiff_sha256"] = images.write_tiff(tmp, observed(), shape2d, meta)
+            sha = images.write_tiff(tmp, observed(), shape2d, meta)
             store.put_file(tmp, tiff_key)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         artifacts["tiff"] = tiff_key
+        if sha is not None:  # compressed: else verify rebuilds the TIFF from the array to check it
+            artifacts["tiff_sha256"] = sha
     else:
         for _ in observed():
             pass

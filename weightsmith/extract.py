@@ -40,7 +40,11 @@ from weightsmith.store import Store, encode_key
 from weightsmith.store import arrays
 from weightsmith.store.store import dumps
 
-Progress = Callable[[int, str], None]  # (bytes just done, tensor name)
+Progress = Callable[[int, str], None]  # (bytes just done, tensor name); called from several threads
+# Work units extracted (and checksummed) at once: a unit's own threads overlap its reads, Zarr
+# writes and images only within a tensor, and most tensors are one block; two units keep both
+# cores of a small machine busy. Each unit holds at most three row blocks in memory.
+UNIT_WORKERS = 2
 
 
 class ExtractOptions(BaseModel):
@@ -158,7 +162,9 @@ def checksum_unit(source: Source, unit: WorkUnit, block_bytes: int) -> dict[str,
 def _source_sha256(source: Source, entry: TensorEntry, block_bytes: int) -> str:
     h = hashlib.sha256()
     for start in range(entry.start, entry.end, block_bytes):
-        h.update(source.read(entry.container, start, min(entry.end, start + block_bytes)))
+        block = source.read_array(entry.container, start, min(entry.end, start + block_bytes))
+        h.update(block)
+        source.recycle(block)
     return h.hexdigest()
 
 
@@ -222,20 +228,26 @@ def extract_unit(
     options: ExtractOptions,
     expected: dict[str, str] | None = None,
     progress: Progress | None = None,
+    fingerprints: list[tuple | None] | None = None,
 ) -> UnitResult:
     """Write the artifacts of every tensor in the unit.
 
     A tensor already in the store (record present, same checksum and layout, artifacts there)
     is skipped unless `options.force`. `expected` holds source checksums from the checksum pass;
     bytes that hash differently now mean the source changed under us, which is an error.
+    `fingerprints` (`Source.fingerprints()` taken before that pass) spare hashing the bytes
+    again: a tensor is taken to have its expected checksum when its container's fingerprint is
+    still the same after the tensor was read, and a changed fingerprint is the same error.
     """
     done: list[tuple[dict, bool]] = []
     for name in unit.names:
         group = _groups(source).get(name)
         if group is None:
-            done.append(_extract_raw(source, model, source.tensors[name], options, expected, "tensor", progress))
+            done.append(_extract_raw(source, model, source.tensors[name], options, expected, "tensor", progress,
+                                     fingerprints))
             continue
-        parts = [_extract_raw(source, model, source.tensors[raw], options, expected, "gptq-component", progress)
+        parts = [_extract_raw(source, model, source.tensors[raw], options, expected, "gptq-component", progress,
+                              fingerprints)
                  for raw in group.components]
         done += parts
         done.append(_extract_gptq(source, model, group, options, [r for r, _ in parts]))
@@ -258,7 +270,7 @@ def _existing(model: ModelRef, key: str, want: dict, options: ExtractOptions) ->
     return record
 
 
-def _extract_raw(source, model, entry: TensorEntry, options, expected, role, progress) -> dict:
+def _extract_raw(source, model, entry: TensorEntry, options, expected, role, progress, fingerprints) -> dict:
     container = source.containers[entry.container]
     key = model.tensor_key(entry.name, options.generation)
     base = {
@@ -283,22 +295,33 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
     storage_shape, storage_dtype = _storage_layout(entry)
     attrs = {"dtype": entry.dtype, "shape": list(entry.shape), "encoding": entry.encoding}
     array = arrays.create(model.store, key, storage_shape, storage_dtype, attrs)
-    h = hashlib.sha256()
+    # The checksum pass hashed these bytes: when the file shows no change since, that digest is theirs.
+    before = fingerprints[entry.container] if fingerprints and want_sha is not None else None
+    h = hashlib.sha256() if before is None else None
 
-    def blocks() -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:  # on the prefetch thread
+    def blocks() -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:  # on the prefetch thread, if any
         for r0, r1, raw in _row_blocks(source, entry, options.block_bytes, array.chunks[0] if array.ndim else 1):
-            h.update(raw)
-            stored = np.frombuffer(raw, dtype=storage_dtype).reshape((r1 - r0, *storage_shape[1:]))
-            yield r0, r1, stored, _float_band(entry, stored)
+            if h is not None:
+                h.update(raw)
+            stored = raw.view(storage_dtype).reshape((r1 - r0, *storage_shape[1:]))
+            yield r0, r1, stored, float_rows(entry, stored)
 
     def bands() -> Iterator[np.ndarray]:
         # Block k+1 is read, hashed and converted while block k is written to Zarr and imaged.
-        with overlap.Background() as zarr_writer, contextlib.closing(overlap.prefetch(blocks())) as ahead:
-            for r0, r1, stored, band in ahead:
-                zarr_writer.submit(_store_rows, array, r0, r1, stored)
+        done = None  # the block before: read, imaged, and in Zarr once `submit` returns
+        # A tensor of at most block_bytes (most are) is one or two blocks: no thread to read ahead.
+        read = overlap.prefetch(blocks()) if entry.nbytes > options.block_bytes else blocks()
+        with overlap.Background() as zarr_writer, contextlib.closing(read) as ahead:
+            for _, _, stored, band in ahead:
+                zarr_writer.submit(array.append, stored)  # waits for the block before's write
+                if done is not None:
+                    source.recycle(done)
+                done = stored
                 if progress:
                     progress(stored.nbytes, entry.name)
                 yield band
+        if done is not None:
+            source.recycle(done)  # the last block's write ended with the `with`
 
     with_images = role == "tensor"
     with contextlib.closing(bands()) as stream:  # on an error, stop the threads before going on
@@ -306,25 +329,17 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
                                         model.png_key(entry.name, options.generation),
                                         entry.name, entry.shape, entry.dtype, stream,
                                         options.images if with_images else "none")
-    sha = h.hexdigest()
-    if want_sha is not None and sha != want_sha:
+    if h is not None:
+        sha = h.hexdigest()
+        changed = want_sha is not None and sha != want_sha
+    else:
+        sha, changed = want_sha, source.readers[entry.container].fingerprint() != before
+    if changed:
         raise WeightsmithError(source.readers[entry.container].url,
                                f"tensor {entry.name!r} changed while it was being extracted")
     record = {**base, "sha256": sha, "stats": stats, "artifacts": {"zarr": key, **artifacts}}
-    arrays.finish(array, record)
+    array.finish(record)
     return record, True
-
-
-def _store_rows(array, r0: int, r1: int, stored: np.ndarray) -> None:
-    """Write rows [r0, r1) (r0 chunk-aligned) one chunk at a time: Zarr takes a value of exactly
-    a chunk's shape as is, where a bigger one is first copied into a new fill-valued chunk."""
-    if not array.ndim:
-        array[()] = stored.reshape(())
-        return
-    step = array.chunks[0]
-    for c0 in range(r0, r1, step):
-        c1 = min(r1, c0 + step)
-        array[c0:c1] = stored[c0 - r0 : c1 - r0]
 
 
 def _storage_layout(entry: TensorEntry) -> tuple[tuple[int, ...], np.dtype]:
@@ -334,12 +349,13 @@ def _storage_layout(entry: TensorEntry) -> tuple[tuple[int, ...], np.dtype]:
     return entry.shape, dtypes.storage_dtype(entry.dtype)
 
 
-def _row_blocks(source: Source, entry: TensorEntry, block_bytes: int, chunk: int) -> Iterator[tuple[int, int, bytes]]:
+def _row_blocks(source: Source, entry: TensorEntry, block_bytes: int,
+                chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(first row, end row, bytes) blocks along dim 0 of the stored array, chunk-aligned."""
     shape, _ = _storage_layout(entry)
     if len(shape) < 2 or shape[0] == 0 or entry.nbytes == 0:
         rows = shape[0] if shape else 1
-        yield 0, rows, source.read(entry.container, entry.start, entry.end)
+        yield 0, rows, source.read_array(entry.container, entry.start, entry.end)
         return
     row_bytes = entry.nbytes // shape[0]
     rows_per = max(1, block_bytes // max(1, row_bytes))
@@ -349,10 +365,10 @@ def _row_blocks(source: Source, entry: TensorEntry, block_bytes: int, chunk: int
         rows_per = max(per_image_row, rows_per - rows_per % per_image_row)
     for r0 in range(0, shape[0], rows_per):
         r1 = min(shape[0], r0 + rows_per)
-        yield r0, r1, source.read(entry.container, entry.start + r0 * row_bytes, entry.start + r1 * row_bytes)
+        yield r0, r1, source.read_array(entry.container, entry.start + r0 * row_bytes, entry.start + r1 * row_bytes)
 
 
-def _float_band(entry: TensorEntry, stored: np.ndarray) -> np.ndarray:
+def float_rows(entry: TensorEntry, stored: np.ndarray) -> np.ndarray:
     """A block of the stored array as float32 rows of the tensor's 2-D image view."""
     if entry.encoding == "gguf":
         from weightsmith.sources.gguf import dequantize
@@ -397,7 +413,7 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
                 o1 = min(group.out_features, o0 + step)
                 band = np.ascontiguousarray(dequantize(group, parts[group.qweight], parts[group.qzeros],
                                                        parts[group.scales], g_idx, rows=slice(o0, o1)), "<f4")
-                zarr_writer.submit(_store_rows, array, o0, o1, band)
+                zarr_writer.submit(array.append, band)
                 h.update(band)
                 yield band
 
@@ -406,7 +422,7 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
                                         model.png_key(group.name, options.generation),
                                         group.name, group.shape, "F32", stream, options.images)
     record = {**base, "sha256": h.hexdigest(), "stats": stats, "artifacts": {"zarr": key, **artifacts}}
-    arrays.finish(array, record)
+    array.finish(record)
     return record, True
 
 
@@ -583,10 +599,14 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
     if total:
         total(the_plan.total_bytes)
     checksums: dict[str, str] | None = None
+    fingerprints = None
     if the_plan.checksum_units:
+        fingerprints = source.fingerprints()  # before the first byte is hashed
         checksums = {}
-        for u in the_plan.checksum_units:
-            checksums.update(checksum_unit(source, u, options.block_bytes))
+        units = the_plan.checksum_units
+        for u, sums in zip(units, overlap.map_in_order(lambda u: checksum_unit(source, u, options.block_bytes),
+                                                       units, UNIT_WORKERS), strict=True):
+            checksums.update(sums)
             if progress:
                 progress(u.nbytes, "checksums")
     model = model_ref(source, options, checksums)
@@ -598,8 +618,10 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
             files = write_files(model, source)
             records: list[dict] = []
             written = 0
-            for unit in the_plan.units:
-                result = extract_unit(source, model, unit, options, checksums, progress)
+            def one(unit: WorkUnit) -> UnitResult:
+                return extract_unit(source, model, unit, options, checksums, progress, fingerprints)
+
+            for result in overlap.map_in_order(one, the_plan.units, UNIT_WORKERS):
                 records += result.records
                 written += result.written
             manifest = build_manifest(model, source, options, files, records)

@@ -39,19 +39,20 @@ def view_2d(shape: tuple[int, ...]) -> tuple[int, int]:
     return (shape[0], math.prod(shape[1:]))
 
 
-def write_tiff(path: str, bands: Iterable[np.ndarray], shape2d: tuple[int, int], meta: dict) -> str:
+def write_tiff(path: str, bands: Iterable[np.ndarray], shape2d: tuple[int, int], meta: dict) -> str | None:
     """Write float32 row bands (in order, covering `shape2d`) as a tiled single-channel TIFF.
 
-    `meta` (name, shape, dtype) goes into the image description as JSON. Returns the file's
-    sha256: computed while writing when uncompressed, else by reading the file back.
+    `meta` (name, shape, dtype) goes into the image description as JSON. Returns the sha256 of a
+    compressed file (read back), None for an uncompressed one: its bytes follow from the values
+    and `meta` alone, so `tiff_matches` checks it against the array without a stored digest.
     """
-    description = json.dumps({"weightsmith": meta})
     if TIFF_COMPRESSION is None:
         with open(path, "wb") as f:
-            writer = TiffWriter(f, shape2d, description)
+            writer = TiffWriter(f, shape2d, _description(meta))
             for band in bands:
                 writer.write(band)
-            return writer.close()
+            writer.close()
+        return None
     rows, cols = shape2d
     tile = (min(TILE, _round16(rows)), min(TILE, _round16(cols)))
     tifffile.imwrite(
@@ -62,7 +63,7 @@ def write_tiff(path: str, bands: Iterable[np.ndarray], shape2d: tuple[int, int],
         tile=tile,
         photometric="minisblack",
         compression=TIFF_COMPRESSION,
-        description=description,
+        description=_description(meta),
         metadata=None,
     )
     h = hashlib.sha256()
@@ -70,6 +71,39 @@ def write_tiff(path: str, bands: Iterable[np.ndarray], shape2d: tuple[int, int],
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def tiff_matches(f: BinaryIO, bands: Iterable[np.ndarray], shape2d: tuple[int, int], meta: dict) -> bool:
+    """Whether `f` holds, byte for byte, the uncompressed TIFF `write_tiff` makes of the bands."""
+    sink = _Compare(f)
+    writer = TiffWriter(sink, shape2d, _description(meta))
+    for band in bands:
+        writer.write(band)
+        if not sink.same:
+            return False
+    writer.close()
+    return sink.same and not f.read(1)
+
+
+class _Compare:
+    """A file to write that compares every byte written with the next bytes of `f`."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._at = 0
+        self.same = True
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        self.same = self.same and self._f.read(len(data)) == data
+        self._at += len(data)
+
+    def tell(self) -> int:
+        return self._at
+
+
+def _description(meta: dict) -> str:
+    return json.dumps({"weightsmith": meta})
 
 
 def read_tiff(path_or_file) -> tuple[np.ndarray, dict]:
@@ -115,10 +149,10 @@ CLASSIC_MAX = (1 << 32) - 1  # larger files are BigTIFF (classic TIFF offsets ar
 
 
 class TiffWriter:
-    """Streams float32 row bands into an uncompressed tiled TIFF, front to back, hashing as it goes.
+    """Streams float32 row bands into an uncompressed tiled TIFF, front to back.
 
     Uncompressed tiles all have the same size, so the header and every tile offset are known
-    before the first pixel: the file is written once, in order, and its sha256 needs no re-read.
+    before the first pixel: the file is written once, in order.
     Tiles are TILE x TILE (16-row multiples for thin images), zero-padded at the edges, row-major.
     The file is a BigTIFF when it would pass 4 GiB.
     """
@@ -129,13 +163,12 @@ class TiffWriter:
         th, tw = self.tile
         self.tiles_across = -(-self.cols // tw)
         self._f = f
-        self._sha = hashlib.sha256()
         self._rows_done = 0
         self._carry: np.ndarray | None = None  # < th rows waiting for the rest of their tile row
         group = max(1, min(self.tiles_across, GROUP_BYTES // (th * tw * 4)))
         self._group = np.zeros((group, th, tw), "<f4")  # (tiles, th, tw): tiles cut, then written
         header, self._end = _tiff_header(shape2d, self.tile, description.encode("ascii"))
-        self._put(header)
+        self._f.write(header)
 
     def write(self, band: np.ndarray) -> None:
         """Add the next rows (band: (n, cols), any float dtype)."""
@@ -158,14 +191,13 @@ class TiffWriter:
         if whole < band.shape[0]:
             self._carry = np.array(band[whole:], dtype="<f4")  # a copy: the band is not kept
 
-    def close(self) -> str:
-        """Write the last rows; returns the file's sha256."""
+    def close(self) -> None:
+        """Write the last rows."""
         if self._carry is not None:
             self._tile_row(self._carry)
             self._carry = None
         if self._rows_done != self.rows or self._f.tell() != self._end:
             raise ValueError(f"TIFF got {self._rows_done} rows of {self.rows}")
-        return self._sha.hexdigest()
 
     def _tile_row(self, rows: np.ndarray) -> None:
         """Cut (r <= th, cols) rows into tiles, a group of tiles at a time, and write them."""
@@ -183,11 +215,7 @@ class TiffWriter:
                 out[full, :, width:] = 0
             if r < th:  # the last tile row: zero the rows below the image
                 out[:, r:] = 0
-            self._put(out)
-
-    def _put(self, data) -> None:
-        self._f.write(data)
-        self._sha.update(data)
+            self._f.write(out)
 
 
 def _tiff_header(shape2d: tuple[int, int], tile: tuple[int, int], description: bytes) -> tuple[bytes, int]:
@@ -272,7 +300,8 @@ class Preview:
             finite = finite[:: finite.size // SAMPLE]
         scale = float(np.percentile(np.abs(finite), PERCENTILE)) if finite.size else 0.0
         scale = scale if scale > 0 else 1.0
-        scaled = img / scale  # then (scaled + 1) * 127.5, rounded and clipped, in place
+        scaled = img  # a copy of the parts: scaled, then (scaled + 1) * 127.5, rounded and clipped, in place
+        scaled /= scale
         if not every:
             np.nan_to_num(scaled, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
         scaled += 1.0

@@ -2,13 +2,15 @@
 
 Reading, hashing, compressing and writing files all release the GIL (numpy, hashlib, blosc,
 zlib, file I/O), so a band can be read and hashed while the previous one is written to Zarr
-and cut into TIFF tiles. Both helpers keep at most one item ahead, so memory stays a few
-row blocks whatever the tensor's size, and neither lets a thread outlive the `with` or the loop
-that started it: after an error nothing is written behind the caller's back.
+and cut into TIFF tiles, and two work units can be extracted at once. The helpers keep a
+fixed number of items in flight, so memory stays a few row blocks whatever the tensor's size,
+and none lets a thread outlive the `with` or the loop that started it: after an error nothing
+is written behind the caller's back.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 _DONE = object()
 
 
@@ -98,3 +101,24 @@ class Background:
         finally:
             self._pool.shutdown(wait=True)
 
+
+
+def map_in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """Yield fn(item) for each item, in order, computed on `workers` threads at a time.
+
+    Item k + workers starts only once the result of item k was taken, so at most `workers`
+    calls run or wait. An error, of a call or of the consumer, cancels the calls not started
+    and waits for the running ones before it propagates.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightsmith-map") as pool:
+        running: collections.deque[Future] = collections.deque()
+        try:
+            for item in items:
+                running.append(pool.submit(fn, item))
+                if len(running) == workers:
+                    yield running.popleft().result()
+            while running:
+                yield running.popleft().result()
+        finally:
+            for future in running:
+                future.cancel()

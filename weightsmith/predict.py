@@ -207,15 +207,17 @@ def _write_samples(model: ModelRef, prefix: str, record: dict, samples: list[np.
     array = arrays.create(model.store, zkey, (len(samples), *shape), np.dtype("<f4"),
                           {"dtype": "F32", "shape": [len(samples), *shape], "encoding": "raw",
                            "base_dtype": record["dtype"]})
+    rows = array.chunks[0]  # samples per chunk
+    for r0 in range(0, len(samples), rows):
+        array.append(np.stack([np.asarray(v, np.float32).reshape(shape) for v in samples[r0 : r0 + rows]]))
     per_sample = []
     for i, values in enumerate(samples):
         values = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
-        array[i] = values
         cols = (shape[-1] if len(shape) == 1 else int(np.prod(shape[1:]))) if shape else 1
         stats, arts = write_images(model.store, f"{prefix}/images/{key}.{i}.tiff", f"{prefix}/previews/{key}.{i}.png",
                                    record["name"], shape, "F32", [values.reshape(-1, cols)], mode)
         per_sample.append({"sha256": hashlib.sha256(values.tobytes()).hexdigest(), "stats": stats, "artifacts": arts})
     entry = {"name": record["name"], "shape": list(shape), "base_dtype": record["dtype"], "zarr": zkey,
              "samples": per_sample}
-    arrays.finish(array, {k: v for k, v in entry.items() if k != "samples"})
+    array.finish({k: v for k, v in entry.items() if k != "samples"})
     return entry

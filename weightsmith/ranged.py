@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from weightsmith.errors import WeightsmithError
 
@@ -72,6 +75,7 @@ class RangedReader:
     path: str
     size: int
     bytes_read: int = field(default=0)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # bytes_read
 
     def read(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file; a short read is an error naming the file."""
@@ -80,10 +84,43 @@ class RangedReader:
         if not 0 <= start < end <= self.size:
             raise WeightsmithError(self.url, f"range [{start}, {end}) is outside the file ({self.size} bytes)")
         data = self.fs.cat_file(self.path, start=start, end=end)
-        self.bytes_read += len(data)
-        if len(data) != end - start:
-            raise WeightsmithError(self.url, f"short read: wanted {end - start} bytes at {start}, got {len(data)}")
+        self._count(start, end, len(data))
         return data
+
+    def read_array(self, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Bytes [start, end) as a uint8 array: `out` (that many bytes) when given, else a new one.
+
+        A local file is read straight into the array, without a bytes object in between.
+        """
+        if not isinstance(self.fs, LocalFileSystem) or start == end:
+            return np.frombuffer(self.read(start, end), np.uint8)
+        if not 0 <= start < end <= self.size:
+            raise WeightsmithError(self.url, f"range [{start}, {end}) is outside the file ({self.size} bytes)")
+        out = np.empty(end - start, np.uint8) if out is None else out
+        got = 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(start)
+            while got < out.size and (n := f.readinto(memoryview(out)[got:])):
+                got += n
+        self._count(start, end, got)
+        return out
+
+    def fingerprint(self) -> tuple | None:
+        """(device, inode, size, mtime, ctime) of a local file; None for remote files.
+
+        Writing a file changes its mtime and ctime (ctime cannot be set back) and replacing it
+        its inode, so an unchanged fingerprint means the bytes are those read before.
+        """
+        if not isinstance(self.fs, LocalFileSystem):
+            return None
+        st = os.stat(self.path)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _count(self, start: int, end: int, got: int) -> None:
+        with self._lock:  # reads of several threads
+            self.bytes_read += got
+        if got != end - start:
+            raise WeightsmithError(self.url, f"short read: wanted {end - start} bytes at {start}, got {got}")
 
 
 def open_reader(url: str, fs: fsspec.AbstractFileSystem | None = None) -> RangedReader:

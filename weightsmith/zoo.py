@@ -137,7 +137,7 @@ def _write_stack(store: Store, key: str, name: str, values: np.ndarray) -> dict:
     rows = array.chunks[0]  # checkpoints per chunk
     for r0 in range(0, shape[0], rows):
         block = np.ascontiguousarray(values[r0 : r0 + rows], dtype="<f4")  # (rows, *shape[1:])
-        array[r0 : r0 + block.shape[0]] = block
+        array.append(block)
         h.update(block.view(np.uint8))
         stats.update(block)
     record = {
@@ -147,5 +147,5 @@ def _write_stack(store: Store, key: str, name: str, values: np.ndarray) -> dict:
         "sha256": h.hexdigest(),  # of the float32 (K, *shape) values in C order
         "stats": stats.as_dict(),
     }
-    arrays.finish(array, record)
+    array.finish(record)
     return record

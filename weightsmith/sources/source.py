@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.ranged import RangedReader, fs_for, join_url, open_reader, split_url
@@ -30,6 +33,7 @@ SIDECARS = (
     "chat_template.jinja",
 )
 MAX_SIDECAR_BYTES = 64_000_000
+POOL_BUFFERS, POOL_MIN_BYTES = 4, 1 << 20  # read buffers kept for reuse; smaller reads are not pooled
 MAX_INDEX_BYTES = 64_000_000
 # A Hugging Face cache snapshot path: .../models--<org>--<name>/snapshots/<commit>/<file>
 _HF_CACHE = re.compile(r"models--(?P<id>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})(/|$)")
@@ -49,9 +53,38 @@ class Source:
     sidecars: dict[str, bytes] = field(default_factory=dict)  # file name -> bytes
     hf_id: str | None = None
     hf_revision: str | None = None
+    _pool: list[np.ndarray] = field(default_factory=list, repr=False)  # read buffers to reuse
+    _pool_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def read(self, container: int, start: int, end: int) -> bytes:
         return self.readers[container].read(start, end)
+
+    def read_array(self, container: int, start: int, end: int) -> np.ndarray:
+        """Tensor bytes as a uint8 array, in memory given back by `recycle` where some fits.
+
+        New memory costs page faults and zeroing that take longer than the read itself here.
+        """
+        buffer = None
+        if end - start >= POOL_MIN_BYTES:
+            with self._pool_lock:
+                fits = [i for i, b in enumerate(self._pool) if b.size >= end - start]
+                if fits:
+                    buffer = self._pool.pop(min(fits, key=lambda i: self._pool[i].size))[: end - start]
+        return self.readers[container].read_array(start, end, buffer)
+
+    def recycle(self, block: np.ndarray) -> None:
+        """Give back an array `read_array` returned, and every view of it: no one may use them now."""
+        owner = block if block.base is None else block.base
+        if not isinstance(owner, np.ndarray) or owner.size < POOL_MIN_BYTES:
+            return  # not ours (a remote read's bytes) or too small to be worth keeping
+        with self._pool_lock:
+            self._pool.append(owner)
+            self._pool.sort(key=lambda b: b.size)
+            del self._pool[:-POOL_BUFFERS]  # keep the largest
+
+    def fingerprints(self) -> list[tuple | None]:
+        """Per container, what changes when its bytes do (None: cannot tell, a remote file)."""
+        return [r.fingerprint() for r in self.readers]
 
     @property
     def bytes_read(self) -> int:
