@@ -267,7 +267,8 @@ def random_model(path: Path) -> Path:
 
 
 def chunk_files(model: ModelRef, record: dict) -> list[Path]:
-    return [p for p in (local(model, record["artifacts"]["zarr"]) / "c").rglob("*") if p.is_file()]
+    """The chunk files of an array: every file in its folder but zarr.json (keys c.<i>.<j>)."""
+    return [p for p in local(model, record["artifacts"]["zarr"]).rglob("*") if p.is_file() and p.name != "zarr.json"]
 
 
 def test_verify_notices_a_lost_chunk(tmp_path: Path) -> None:

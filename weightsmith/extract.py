@@ -134,6 +134,13 @@ def plan(source: Source, options: ExtractOptions) -> list[WorkUnit]:
     return units
 
 
+def biggest_first(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> list[WorkUnit]:
+    """Units in the order to start them: the biggest first, so that no big tensor (an embedding
+    matrix, often last in the file) runs alone at the end while the other workers have nothing
+    left to do."""
+    return sorted(units, key=lambda u: (-u.nbytes, u.index))
+
+
 def _unit(source: Source, index: int, names: list[str], nbytes: int) -> WorkUnit:
     raw = tuple(r for n in names for r in _raw_names(source, n))
     return WorkUnit(index, tuple(names), nbytes, raw)
@@ -603,7 +610,7 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
     if the_plan.checksum_units:
         fingerprints = source.fingerprints()  # before the first byte is hashed
         checksums = {}
-        units = the_plan.checksum_units
+        units = biggest_first(the_plan.checksum_units)
         for u, sums in zip(units, overlap.map_in_order(lambda u: checksum_unit(source, u, options.block_bytes),
                                                        units, UNIT_WORKERS), strict=True):
             checksums.update(sums)
@@ -616,14 +623,13 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
         with lease.acquire(model, run_id, options.wait_s) as held:
             options = with_generation(model, options, run_id)
             files = write_files(model, source)
-            records: list[dict] = []
-            written = 0
             def one(unit: WorkUnit) -> UnitResult:
                 return extract_unit(source, model, unit, options, checksums, progress, fingerprints)
 
-            for result in overlap.map_in_order(one, the_plan.units, UNIT_WORKERS):
-                records += result.records
-                written += result.written
+            units = biggest_first(the_plan.units)
+            results = dict(zip((u.index for u in units), overlap.map_in_order(one, units, UNIT_WORKERS), strict=True))
+            records = [r for i in sorted(results) for r in results[i].records]  # in file order
+            written = sum(r.written for r in results.values())
             manifest = build_manifest(model, source, options, files, records)
             held.check()
             status = publish(model, manifest, options.force)

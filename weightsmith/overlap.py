@@ -14,7 +14,7 @@ import collections
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -106,19 +106,32 @@ class Background:
 def map_in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """Yield fn(item) for each item, in order, computed on `workers` threads at a time.
 
-    Item k + workers starts only once the result of item k was taken, so at most `workers`
-    calls run or wait. An error, of a call or of the consumer, cancels the calls not started
-    and waits for the running ones before it propagates.
+    A call starts as soon as one of the `workers` running ends, so one long call (the embedding
+    matrix) does not hold the other threads up; results ready before their turn wait for it, so
+    they should be small. An error, of a call or of the consumer, is raised as soon as it is
+    seen: the calls not started are cancelled and the running ones waited for first.
     """
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightsmith-map") as pool:
-        running: collections.deque[Future] = collections.deque()
+        pending: collections.deque[Future] = collections.deque()  # in item order, not yet yielded
+        it = iter(items)
+        more = True
         try:
-            for item in items:
-                running.append(pool.submit(fn, item))
-                if len(running) == workers:
-                    yield running.popleft().result()
-            while running:
-                yield running.popleft().result()
+            while True:
+                while more and sum(not f.done() for f in pending) < workers:
+                    item = next(it, _DONE)
+                    if item is _DONE:
+                        more = False
+                    else:
+                        pending.append(pool.submit(fn, item))
+                if not pending:
+                    return
+                if pending[0].done():
+                    yield pending.popleft().result()
+                    continue
+                done, _ = wait([f for f in pending if not f.done()], return_when=FIRST_COMPLETED)
+                for f in done:
+                    if f.exception() is not None:
+                        raise f.exception()
         finally:
-            for future in running:
+            for future in pending:
                 future.cancel()

@@ -58,7 +58,8 @@ def test_written_array_is_zarrs_own(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     theirs = zarr.create_array(
         store=store.zarr_store("theirs.zarr"), shape=shape, dtype=np.dtype(dtype), chunks=array.chunks,
-        compressors=[BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")], attributes=attrs, fill_value=0,
+        compressors=[BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")], attributes=attrs, fill_value=0,
+        chunk_key_encoding={"name": "default", "separator": "."},
         config={"write_empty_chunks": True},
     )
     theirs[...] = values

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.ranged import RangedReader, fs_for, join_url, open_reader, split_url
@@ -33,7 +34,11 @@ SIDECARS = (
     "chat_template.jinja",
 )
 MAX_SIDECAR_BYTES = 64_000_000
-POOL_BUFFERS, POOL_MIN_BYTES = 4, 1 << 20  # read buffers kept for reuse; smaller reads are not pooled
+POOL_BUFFERS, POOL_MIN_BYTES = 6, 1 << 20  # read buffers kept for reuse; smaller reads are not pooled
+# Pooled reads get a buffer of at least this size (a block: 64 MB by default), so that any later
+# read up to a block fits in it. Only the pages a read touches are memory; new pages cost a
+# fault and zeroing each, more than the read, so a few big buffers beat many exact ones.
+POOL_BUFFER_BYTES = 64 << 20
 MAX_INDEX_BYTES = 64_000_000
 # A Hugging Face cache snapshot path: .../models--<org>--<name>/snapshots/<commit>/<file>
 _HF_CACHE = re.compile(r"models--(?P<id>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})(/|$)")
@@ -70,6 +75,8 @@ class Source:
                 fits = [i for i, b in enumerate(self._pool) if b.size >= end - start]
                 if fits:
                     buffer = self._pool.pop(min(fits, key=lambda i: self._pool[i].size))[: end - start]
+            if buffer is None and isinstance(self.readers[container].fs, LocalFileSystem):
+                buffer = np.empty(max(end - start, POOL_BUFFER_BYTES), np.uint8)[: end - start]
         return self.readers[container].read_array(start, end, buffer)
 
     def recycle(self, block: np.ndarray) -> None:
