@@ -6,8 +6,8 @@ blocks. The attribute `weightsmith` holds the tensor's manifest record and is wr
 all data: an array without it is unfinished and is rewritten on the next run.
 
 Arrays are written here, not through zarr: each compressed chunk is one store write, and
-`zarr.json` one more, last, with the record; the same bytes zarr writes (tests open them with
-zarr). zarr's own writer cost ~4 ms of metadata handling and store round trips per tensor, and
+`zarr.json` one more, last, with the record; the same chunk bytes and metadata as zarr writes
+(tests open them with zarr). zarr's own writer cost ~4 ms of metadata handling and store round trips per tensor, and
 wrote zarr.json twice. An unfinished array has no zarr.json yet. Reads go through zarr.
 """
 
@@ -103,7 +103,8 @@ class ArrayWriter:
         if self.ndim and self._rows != self.shape[0]:
             raise ValueError(f"{self.key}: {self._rows} rows written of {self.shape[0]}")
         meta = {**self.metadata, "attributes": {**self.metadata["attributes"], RECORD: record}}
-        self.store.write_bytes(f"{self.key}/zarr.json", json.dumps(meta, allow_nan=True, indent=2).encode())
+        # Compact: json's C encoder runs only without indent (zarr indents; readers do not care).
+        self.store.write_bytes(f"{self.key}/zarr.json", json.dumps(meta, allow_nan=True).encode())
 
     def _put(self, index: int, chunk: np.ndarray) -> None:
         if chunk.size == 0:

@@ -64,7 +64,7 @@ class Store:
             self.fs.pipe_file(path, data)
             return
         with self._local_tmp(path) as tmp:
-            with open(tmp, "wb") as f:
+            with _create(tmp) as f:
                 f.write(data)
             os.replace(tmp, path)
 
@@ -78,8 +78,11 @@ class Store:
             self.fs.put_file(local_path, path)
             os.unlink(local_path)
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.replace(local_path, path)
+        try:
+            os.replace(local_path, path)
+        except FileNotFoundError:  # the folder is new (or `local_path` is gone: raised again)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(local_path, path)
 
     def local_tmp_dir(self) -> str | None:
         """A folder on the store's file system for staging files (None for S3)."""
@@ -102,7 +105,7 @@ class Store:
                 raise
             return True
         with self._local_tmp(path) as tmp:
-            with open(tmp, "wb") as f:
+            with _create(tmp) as f:
                 f.write(data)
             try:
                 os.link(tmp, path)  # atomic: fails if `path` exists
@@ -214,13 +217,26 @@ class Store:
 
     @contextlib.contextmanager
     def _local_tmp(self, path: str) -> Iterator[str]:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        """A temporary name beside `path`, removed if still there at the end (`_create` makes the folder)."""
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
         try:
             yield tmp
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _create(path: str):
+    """Open a new file for writing, making its folder only when it is missing.
+
+    Trying the open first spares a failing mkdir for every object written into a folder that
+    is already there (most of them).
+    """
+    try:
+        return open(path, "wb")
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return open(path, "wb")
 
 
 def dumps(value) -> bytes:
