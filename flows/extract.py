@@ -18,7 +18,7 @@ from flows.runners import make_runner
 from tasks import extract as t
 from tasks.credentials import use_credentials
 from weightsmith import lease, state
-from weightsmith.extract import ExtractOptions, new_run_id, run_facts, with_generation
+from weightsmith.extract import ExtractOptions, biggest_first, new_run_id, run_facts, with_generation
 from weightsmith.model import parse_model_url
 
 
@@ -53,7 +53,7 @@ def extract_model(
 
     checksums = None
     if the_plan.checksum_units:
-        futures = t.checksum_unit.map(source, the_plan.checksum_units, options.block_bytes, credentials)
+        futures = t.checksum_unit.map(source, biggest_first(the_plan.checksum_units), options.block_bytes, credentials)
         checksums = {k: v for f in futures for k, v in f.result().items()}
     resolved = t.resolve_model(source, options, checksums, credentials)
     model_url = resolved["model_url"]
@@ -65,14 +65,15 @@ def extract_model(
     # This flow run is the model's only writer until it ends (a second run fails with one line).
     with lease.acquire(model, run_id, options.wait_s) as held:
         options = with_generation(model, options, run_id)
+        units = biggest_first(the_plan.units)  # no big tensor left to run alone at the end
         futures = [
             t.extract_unit.submit(source, model_url, unit, options,
                                   None if checksums is None else {n: checksums[n] for n in unit.raw},
-                                  credentials)
-            for unit in the_plan.units
+                                  credentials, the_plan.fingerprints)
+            for unit in units
         ]
         done_bytes, written, failed = 0, 0, []
-        sizes = {f.task_run_id: u.nbytes for f, u in zip(futures, the_plan.units, strict=True)}
+        sizes = {f.task_run_id: u.nbytes for f, u in zip(futures, units, strict=True)}
         for future in as_completed(futures):
             try:
                 written += future.result()

@@ -63,10 +63,16 @@ def resolve_model(source_url: str, options: lib.ExtractOptions, checksums: dict[
 
 @task(name="extract-unit", **_POLICY)
 def extract_unit(source_url: str, model_url: str, unit: lib.WorkUnit, options: lib.ExtractOptions,
-                 expected: dict[str, str] | None, credentials: str | None = None) -> int:
-    """Returns the number of tensors written (0 when the unit was already complete)."""
+                 expected: dict[str, str] | None, credentials: str | None = None,
+                 fingerprints: tuple | None = None) -> int:
+    """Returns the number of tensors written (0 when the unit was already complete).
+
+    `fingerprints` (the plan's, taken before the checksum tasks) let a worker on the same machine
+    trust `expected` for a local file that has not changed since, instead of hashing it again.
+    """
     use_credentials(credentials)
-    result = lib.extract_unit(_source(source_url), parse_model_url(model_url), unit, options, expected)
+    result = lib.extract_unit(_source(source_url), parse_model_url(model_url), unit, options, expected,
+                              fingerprints=fingerprints)
     return result.written
 
 

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from weightsmith import images
 from weightsmith.errors import WeightsmithError
-from weightsmith.extract import ExtractOptions, ExtractResult, extract
+from weightsmith.extract import ExtractOptions, ExtractResult, checksum_unit, extract, extract_unit, model_ref, prepare
 from weightsmith.model import MANIFEST, ModelRef, parse_model_url
 from weightsmith.restore import restore
 from weightsmith.store import Store, arrays
@@ -647,6 +647,19 @@ def test_a_source_that_changes_during_the_run_is_an_error(tmp_path: Path, when: 
     with pytest.raises(WeightsmithError, match="changed while it was being extracted"):
         extract(str(path), ExtractOptions(store=str(tmp_path / "store"), images="none"), progress=progress)
     assert not list((tmp_path / "store").rglob(MANIFEST))
+
+
+def test_fingerprints_that_do_not_match_mean_hashing_again(tmp_path: Path) -> None:
+    """Fingerprints taken elsewhere (another machine, or before a change that was undone) are not
+    trusted: the unit hashes the bytes itself, and equal bytes are no error."""
+    path = random_model(tmp_path / "m" / "model.safetensors")
+    options = ExtractOptions(store=str(tmp_path / "store"), images="none")
+    source, the_plan = prepare(str(path), options)
+    checksums = {n: v for u in the_plan.checksum_units for n, v in checksum_unit(source, u, 1 << 20).items()}
+    model = model_ref(source, options, checksums)
+    foreign = [("other-machine", 1, 2, 3, 4)] * len(source.containers)
+    results = [extract_unit(source, model, u, options, checksums, fingerprints=foreign) for u in the_plan.units]
+    assert {r["name"]: r["sha256"] for res in results for r in res.records} == checksums
 
 
 def test_revision_covers_the_header(tmp_path: Path) -> None:

@@ -36,8 +36,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.model import MANIFEST, MANIFEST_FORMAT, ModelRef, slugify
 from weightsmith.sources import Source, open_source
 from weightsmith.sources.base import GptqGroup, TensorEntry
-from weightsmith.store import Store, encode_key
-from weightsmith.store import arrays
+from weightsmith.store import Store, arrays, encode_key
 from weightsmith.store.store import dumps
 
 Progress = Callable[[int, str], None]  # (bytes just done, tensor name); called from several threads
@@ -304,6 +303,8 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
     array = arrays.create(model.store, key, storage_shape, storage_dtype, attrs)
     # The checksum pass hashed these bytes: when the file shows no change since, that digest is theirs.
     before = fingerprints[entry.container] if fingerprints and want_sha is not None else None
+    if before is not None and source.readers[entry.container].fingerprint() != before:
+        before = None  # changed since the checksum pass (or taken on another machine): hash again
     h = hashlib.sha256() if before is None else None
 
     def blocks() -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:  # on the prefetch thread, if any
@@ -535,6 +536,9 @@ class ExtractPlan:
     units: tuple[WorkUnit, ...]  # the selected tensors
     checksum_units: tuple[WorkUnit, ...]  # every tensor, when the revision needs checksums; else ()
     total_bytes: int  # source bytes the run will read (checksum pass included)
+    # Per container, `Source.fingerprints()` taken before the checksum pass (None: no pass). Passed
+    # to `extract_unit`, they spare hashing a local file a second time while it stays unchanged.
+    fingerprints: tuple | None = None
 
 
 def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPlan]:
@@ -549,7 +553,8 @@ def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPl
     known = options.revision or source.hf_revision
     checksum_units = () if known else tuple(plan(source, options.model_copy(update={"include": (), "exclude": ()})))
     total = sum(u.nbytes for u in units) + sum(u.nbytes for u in checksum_units)
-    return source, ExtractPlan(source_url, tuple(units), checksum_units, total)
+    fingerprints = tuple(source.fingerprints()) if checksum_units else None  # before any byte is hashed
+    return source, ExtractPlan(source_url, tuple(units), checksum_units, total, fingerprints)
 
 
 def stored_records(source: Source, model: ModelRef, units: tuple[WorkUnit, ...],
@@ -606,9 +611,8 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
     if total:
         total(the_plan.total_bytes)
     checksums: dict[str, str] | None = None
-    fingerprints = None
+    fingerprints = the_plan.fingerprints
     if the_plan.checksum_units:
-        fingerprints = source.fingerprints()  # before the first byte is hashed
         checksums = {}
         units = biggest_first(the_plan.checksum_units)
         for u, sums in zip(units, overlap.map_in_order(lambda u: checksum_unit(source, u, options.block_bytes),

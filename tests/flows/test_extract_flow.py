@@ -99,6 +99,45 @@ def test_failed_unit_then_resume_recomputes_only_missing(tmp_path, fixtures_dir)
     assert sorted(r.get("written") for r in runs) == [1, reference.tensors - 1]
 
 
+class _CountingHashlib:
+    """Stands in for `hashlib` in weightsmith.extract: counts the bytes given to sha256."""
+
+    def __init__(self) -> None:
+        self.hashed = 0
+
+    def sha256(self, data=b""):
+        import hashlib
+
+        h, outer = hashlib.sha256(), self
+
+        class Counting:
+            def update(self, chunk) -> None:
+                outer.hashed += memoryview(chunk).nbytes
+                h.update(chunk)
+
+            def hexdigest(self) -> str:
+                return h.hexdigest()
+
+        counting = Counting()
+        counting.update(data)
+        return counting
+
+
+def test_a_local_source_is_hashed_once(tmp_path, fixtures_dir, monkeypatch):
+    """The content revision needs every checksum first; the extract tasks then trust them while
+    the file's fingerprint (taken before the checksum tasks) is unchanged, as the library does."""
+    import weightsmith.extract as lib
+
+    source = fixtures_dir / "safetensors/ollama_minicpm3_4b_model.safetensors"
+    reference = extract(str(source), ExtractOptions(store=str(tmp_path / "ref")))
+    counting = _CountingHashlib()
+    monkeypatch.setattr(lib, "hashlib", counting)
+    url = extract_model(source=str(source), store=str(tmp_path / "store"), unit_bytes=100_000)
+    assert _manifest_bytes(url) == _manifest_bytes(reference.model_url)
+    tensor_bytes = sum(e.nbytes for e in lib.open_source(str(source)).tensors.values())
+    assert tensor_bytes <= counting.hashed < 1.1 * tensor_bytes  # headers and names on top, no second pass
+
+
 def test_wiped_store_is_never_counted_as_done(tmp_path, fixtures_dir):
     source = str(fixtures_dir / "safetensors/hf_samples_overall.safetensors")
     store = tmp_path / "store"
