@@ -13,7 +13,7 @@ Runs, each as a subprocess with its own timeout and its output captured:
 
 RESULTS.md holds the machine (CPU model, cores, RAM, free disk, GPU, load average before and
 after), each benchmark's output verbatim with its command, exit status and duration, and a
-summary table of every PASS/FAIL/SKIP line. The default run takes about an hour on 2 cores
+summary table of every PASS/FAIL/SKIP line. The default run takes 25-60 minutes on 2 cores
 (the 16x extraction and the full demo dominate); `--quick` about 10 minutes.
 """
 
