@@ -52,6 +52,9 @@ def test_flow_writes_what_the_library_writes(s3_server, s3_bucket, fixtures_dir,
     assert _contents(flow_url) == _contents(lib.model_url)
 
     # Artifacts of the run: tensor table, summary with presigned preview links, progress.
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # logs go to the API in batches: the flow can end first
     with get_client(sync_client=True) as client:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -211,6 +214,9 @@ def test_credentials_from_a_saved_block_and_no_secret_anywhere(
 
     secret = env["AWS_SECRET_ACCESS_KEY"]
     run_id = state.state_details.flow_run_id
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # logs go to the API in batches: the flow can end first
     with get_client(sync_client=True) as client:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
