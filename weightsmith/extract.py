@@ -243,7 +243,9 @@ def extract_unit(
     bytes that hash differently now mean the source changed under us, which is an error.
     `fingerprints` (`Source.fingerprints()` taken before that pass) spare hashing the bytes
     again: a tensor is taken to have its expected checksum when its container's fingerprint is
-    still the same after the tensor was read, and a changed fingerprint is the same error.
+    the same before and after the tensor was read. A fingerprint that already differs before
+    (the file changed since, or the pass ran on another machine) means hashing the tensor as
+    usual; one that changes while the tensor is read is the same error.
     """
     done: list[tuple[dict, bool]] = []
     for name in unit.names:

@@ -102,7 +102,6 @@ class Background:
             self._pool.shutdown(wait=True)
 
 
-
 def map_in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """Yield fn(item) for each item, in order, computed on `workers` threads at a time.
 

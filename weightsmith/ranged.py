@@ -77,6 +77,11 @@ class RangedReader:
     bytes_read: int = field(default=0)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # bytes_read
 
+    @property
+    def local(self) -> bool:
+        """Whether the file is on this machine's file system (read into arrays, fingerprinted)."""
+        return isinstance(self.fs, LocalFileSystem)
+
     def read(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file; a short read is an error naming the file."""
         if start == end:
@@ -92,7 +97,7 @@ class RangedReader:
 
         A local file is read straight into the array, without a bytes object in between.
         """
-        if not isinstance(self.fs, LocalFileSystem) or start == end:
+        if not self.local or start == end:
             return np.frombuffer(self.read(start, end), np.uint8)
         if not 0 <= start < end <= self.size:
             raise WeightsmithError(self.url, f"range [{start}, {end}) is outside the file ({self.size} bytes)")
@@ -111,7 +116,7 @@ class RangedReader:
         Writing a file changes its mtime and ctime (ctime cannot be set back) and replacing it
         its inode, so an unchanged fingerprint means the bytes are those read before.
         """
-        if not isinstance(self.fs, LocalFileSystem):
+        if not self.local:
             return None
         st = os.stat(self.path)
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.ranged import RangedReader, fs_for, join_url, open_reader, split_url
@@ -75,7 +74,7 @@ class Source:
                 fits = [i for i, b in enumerate(self._pool) if b.size >= end - start]
                 if fits:
                     buffer = self._pool.pop(min(fits, key=lambda i: self._pool[i].size))[: end - start]
-            if buffer is None and isinstance(self.readers[container].fs, LocalFileSystem):
+            if buffer is None and self.readers[container].local:
                 buffer = np.empty(max(end - start, POOL_BUFFER_BYTES), np.uint8)[: end - start]
         return self.readers[container].read_array(start, end, buffer)
 

@@ -7,8 +7,9 @@ all data: an array without it is unfinished and is rewritten on the next run.
 
 Arrays are written here, not through zarr: each compressed chunk is one store write, and
 `zarr.json` one more, last, with the record; the same chunk bytes and metadata as zarr writes
-(tests open them with zarr). zarr's own writer cost ~4 ms of metadata handling and store round trips per tensor, and
-wrote zarr.json twice. An unfinished array has no zarr.json yet. Reads go through zarr.
+(tests open them with zarr). zarr's own writer cost ~4 ms of metadata handling and store round
+trips per tensor, and wrote zarr.json twice. An unfinished array has no zarr.json yet. Reads go
+through zarr.
 """
 
 from __future__ import annotations
@@ -118,7 +119,6 @@ class ArrayWriter:
         sep = CHUNK_SEPARATOR
         name = "c" + f"{sep}{index}" * bool(self.ndim) + f"{sep}0" * (self.ndim - 1)  # zarr's chunk key
         self.store.write_bytes(f"{self.key}/{name}", data)
-
 
 
 def create(store: Store, key: str, shape: tuple[int, ...], np_dtype: np.dtype, attrs: dict) -> ArrayWriter:
