@@ -97,9 +97,7 @@ def _fs_type(path: Path) -> str | None:
         with open("/proc/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and (
-                    real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")
-                ):
+                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
                     if len(parts[1]) >= len(best):
                         best, fs = parts[1], f"{parts[2]} ({parts[0]} on {parts[1]})"
     except OSError:
@@ -170,9 +168,7 @@ def run_child(script: Path, spec: dict, timeout: float = 1800) -> dict:
     )
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"child {spec.get('method')} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
+        raise RuntimeError(f"child {spec.get('method')} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX) :])
@@ -238,10 +234,7 @@ def table(headers: list[str], rows: list[list], align: str | None = None) -> str
     lines = []
     for n, r in enumerate(cells):
         lines.append(
-            "  ".join(
-                c.ljust(w) if a == "l" else c.rjust(w)
-                for c, w, a in zip(r, widths, align, strict=True)
-            ).rstrip()
+            "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align, strict=True)).rstrip()
         )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -91,9 +91,7 @@ def _child_ours(spec: dict) -> None:
         images.TIFF_COMPRESSION = spec["tiff"]
     if "zarr" in spec:
         arrays._COMPRESSORS = _zarr_codecs(spec["zarr"])
-    options = ExtractOptions(
-        store=spec["store"], images=spec.get("images", "all"), revision=spec.get("revision")
-    )
+    options = ExtractOptions(store=spec["store"], images=spec.get("images", "all"), revision=spec.get("revision"))
     profiler = None
     if spec.get("profile"):
         import cProfile
@@ -137,13 +135,7 @@ def _child_naive(spec: dict) -> None:
         base = dest / f"{i:04d}-{name.replace('/', '_')}"
         np.save(f"{base}.npy", array)
         shape = array.shape
-        rows, cols = (
-            (1, 1)
-            if not shape
-            else (1, shape[0])
-            if len(shape) == 1
-            else (shape[0], math.prod(shape[1:]))
-        )
+        rows, cols = (1, 1) if not shape else (1, shape[0]) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))
         view = np.ascontiguousarray(array.astype(np.float32, copy=False).reshape(rows, cols))
         Image.fromarray(view).save(f"{base}.tiff")  # mode "F": 32-bit float, uncompressed
     c.report_child(time.perf_counter() - started, rss_start, cpu_start, tensors=len(tensors))
@@ -185,11 +177,7 @@ def largest_tensor(path: Path) -> tuple[str, int]:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     best = max(
-        (
-            (k, v["data_offsets"][1] - v["data_offsets"][0])
-            for k, v in header.items()
-            if k != "__metadata__"
-        ),
+        ((k, v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"),
         key=lambda kv: kv[1],
     )
     return best
@@ -223,9 +211,7 @@ def measure(src: Path, work: Path, repeat: int, keep: bool) -> dict:
     def ours(key: str, revision: str | None) -> None:
         c.remove(store)
         c.settle()
-        r = c.run_child(
-            SCRIPT, {"method": "ours", "src": str(src), "store": str(store), "revision": revision}
-        )
+        r = c.run_child(SCRIPT, {"method": "ours", "src": str(src), "store": str(store), "revision": revision})
         r["output_bytes"], r["files"] = c.tree_bytes(store)
         runs[key].append(r)
 
@@ -333,8 +319,7 @@ def verdicts(sizes: dict[int, dict]) -> list[tuple[str, bool, str]]:
             (
                 f"{mult}x: ours faster than naive",
                 ours["seconds"] < naive["seconds"],
-                f"{ours['seconds']:.2f}s vs {naive['seconds']:.2f}s "
-                f"({naive['seconds'] / ours['seconds']:.2f}x faster)",
+                f"{ours['seconds']:.2f}s vs {naive['seconds']:.2f}s ({naive['seconds'] / ours['seconds']:.2f}x faster)",
             )
         )
         limit = TARGET_RSS_TENSORS * res["largest_tensor_bytes"] + TARGET_RSS_BASE
@@ -467,14 +452,9 @@ def profile(src: Path, work: Path, top: int = 10) -> dict:
         return f"{name} ({filename}:{line})" if line else name
 
     def rows(index: int, ours_only: bool = False) -> list[dict]:
-        items = [
-            kv for kv in stats.items() if not ours_only or str(c.ROOT / "weightsmith") in kv[0][0]
-        ]
+        items = [kv for kv in stats.items() if not ours_only or str(c.ROOT / "weightsmith") in kv[0][0]]
         ranked = sorted(items, key=lambda kv: kv[1][index], reverse=True)[:top]
-        return [
-            {"function": where(f), "calls": s[1], "tottime": s[2], "cumtime": s[3]}
-            for f, s in ranked
-        ]
+        return [{"function": where(f), "calls": s[1], "tottime": s[2], "cumtime": s[3]} for f, s in ranked]
 
     return {
         "seconds": r["seconds"],
@@ -513,17 +493,14 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat",
         type=int,
         default=2,
-        help=f"rounds of every method (cp: {CP_TRIES} tries a round); the fastest "
-        "counts (default: 2)",
+        help=f"rounds of every method (cp: {CP_TRIES} tries a round); the fastest counts (default: 2)",
     )
     p.add_argument(
         "--codec",
         action="store_true",
         help="also time TIFF/Zarr codec alternatives at the smallest size",
     )
-    p.add_argument(
-        "--profile", action="store_true", help="also profile ours (cProfile) at the smallest size"
-    )
+    p.add_argument("--profile", action="store_true", help="also profile ours (cProfile) at the smallest size")
     p.add_argument("--keep", action="store_true", help="keep ours' last output store under --out")
     p.add_argument(
         "--no-main",
@@ -558,10 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         need = (0 if weights.exists() else est) + 2 * OUTPUT_PER_SOURCE * est + 500 * c.MB
         free = c.disk(out)["free_bytes"]
         if free < need:
-            print(
-                f"== {mult}x: SKIPPED, needs ~{need / 1e9:.1f} GB free disk, "
-                f"{free / 1e9:.1f} GB free at {out}\n"
-            )
+            print(f"== {mult}x: SKIPPED, needs ~{need / 1e9:.1f} GB free disk, {free / 1e9:.1f} GB free at {out}\n")
             results["sizes"][mult] = {"skipped": f"needs {need} bytes of disk, {free} free"}
             continue
         if machine["ram_bytes"] and machine["ram_bytes"] < 2 * est + 1e9:
@@ -613,9 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"after: {c.load()}")
         print(codec_table(rows, src.stat().st_size) + "\n", flush=True)
     if args.profile:
-        print(
-            f"== profile of ours at {smallest}x (cProfile: its overhead inflates times)", flush=True
-        )
+        print(f"== profile of ours at {smallest}x (cProfile: its overhead inflates times)", flush=True)
         prof = profile(src, work)
         results["profile"] = prof
         print(f"total {prof['seconds']:.2f}s under the profiler; top by cumulative time:")

@@ -19,18 +19,22 @@ def _fmt(x) -> str:
     return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def publish_model_artifacts(model: ModelRef, manifest: dict, seconds: float, status: str,
-                            max_previews: int = 24) -> None:
+def publish_model_artifacts(
+    model: ModelRef, manifest: dict, seconds: float, status: str, max_previews: int = 24
+) -> None:
     """Tensor table, markdown summary with sizes and time, and preview links."""
     tensors = [r for r in manifest["tensors"].values() if r.get("role") != "gptq-component"]
     table = [
-        {"name": r["name"], "dtype": r["dtype"], "shape": "x".join(map(str, r["shape"])) or "scalar",
-         **{k: _fmt(r["stats"].get(k)) for k in ("mean", "std", "min", "max", "nan", "inf")}}
+        {
+            "name": r["name"],
+            "dtype": r["dtype"],
+            "shape": "x".join(map(str, r["shape"])) or "scalar",
+            **{k: _fmt(r["stats"].get(k)) for k in ("mean", "std", "min", "max", "nan", "inf")},
+        }
         for r in tensors
     ]
     key = _key(f"{model.slug}-{model.revision}")
-    create_table_artifact(key=f"tensors-{key}", table=table,
-                          description=f"Tensors of {model.slug} @ {model.revision}")
+    create_table_artifact(key=f"tensors-{key}", table=table, description=f"Tensors of {model.slug} @ {model.revision}")
     size = model.store.size(model.prefix)
     previews = [r for r in tensors if "png" in r["artifacts"]][:max_previews]
     # A presigned URL carries the session token of temporary credentials: then link the keys.

@@ -45,9 +45,17 @@ def extract_model(
     started = time.time()
     log = get_run_logger()
     bucket_url = use_credentials(credentials)
-    options = ExtractOptions(store=store or bucket_url or state.default_store(), name=name, revision=revision,
-                             include=tuple(include or ()), exclude=tuple(exclude or ()),
-                             images=images, force=force, wait_s=wait_s, unit_bytes=unit_bytes)
+    options = ExtractOptions(
+        store=store or bucket_url or state.default_store(),
+        name=name,
+        revision=revision,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        images=images,
+        force=force,
+        wait_s=wait_s,
+        unit_bytes=unit_bytes,
+    )
     the_plan = t.prepare(source, options, credentials)
     log.info("%d work units, %d source bytes to read", len(the_plan.units), the_plan.total_bytes)
 
@@ -67,9 +75,15 @@ def extract_model(
         options = with_generation(model, options, run_id)
         units = biggest_first(the_plan.units)  # no big tensor left to run alone at the end
         futures = [
-            t.extract_unit.submit(source, model_url, unit, options,
-                                  None if checksums is None else {n: checksums[n] for n in unit.raw},
-                                  credentials, the_plan.fingerprints)
+            t.extract_unit.submit(
+                source,
+                model_url,
+                unit,
+                options,
+                None if checksums is None else {n: checksums[n] for n in unit.raw},
+                credentials,
+                the_plan.fingerprints,
+            )
             for unit in units
         ]
         done_bytes, written, failed = 0, 0, []
@@ -85,12 +99,12 @@ def extract_model(
         if failed:
             # Finished units stay in the store for the next run; no manifest is written.
             error = (str(failed[0]).splitlines() or [type(failed[0]).__name__])[0][:500]
-            t.record_run(model_url, {**facts, "outcome": "failed", "error": error,
-                                     "failed_units": len(failed)}, credentials)
+            t.record_run(
+                model_url, {**facts, "outcome": "failed", "error": error, "failed_units": len(failed)}, credentials
+            )
             raise failed[0]  # the flow run fails with the first unit's error
         held.check()
         outcome = t.publish(source, model_url, resolved["files"], the_plan, options, facts, credentials)
     publish_model_artifacts(model, model.manifest(), time.time() - started, outcome["status"])
     log.info("%s: %s (%d tensors written)", outcome["status"], model_url, written)
     return model_url
-

@@ -44,22 +44,16 @@ MAX_PARALLEL = 16
 def check_pipeline(pipeline: str, stages: list[str] | None) -> list[str]:
     """The stages to run; an unknown pipeline or stages it cannot run are user errors."""
     if pipeline not in PIPELINES:
-        raise WeightsmithError(
-            f"pipeline {pipeline!r}", f"unknown (choose from {', '.join(PIPELINES)})"
-        )
+        raise WeightsmithError(f"pipeline {pipeline!r}", f"unknown (choose from {', '.join(PIPELINES)})")
     unknown = [s for s in stages or () if s not in STAGES]
     if unknown:
         # Checked here: a typo would otherwise fail every model and use up its tries.
-        raise WeightsmithError(
-            f"stage {unknown[0]!r}", f"unknown (choose from {', '.join(STAGES)})"
-        )
+        raise WeightsmithError(f"stage {unknown[0]!r}", f"unknown (choose from {', '.join(STAGES)})")
     fixed = FIXED_STAGES.get(pipeline)
     if fixed is None:
         return list(stages or DEFAULT_STAGES)
     if stages is not None and list(stages) != fixed:
-        raise WeightsmithError(
-            f"pipeline {pipeline!r}", f"runs the stages {fixed} only, not {list(stages)}"
-        )
+        raise WeightsmithError(f"pipeline {pipeline!r}", f"runs the stages {fixed} only, not {list(stages)}")
     return fixed
 
 
@@ -110,9 +104,7 @@ def run_pipeline(
         if run.state is None or not run.state.is_completed():
             kind = run.state.type.value if run.state else "UNKNOWN"
             message = ((run.state.message if run.state else "") or "").splitlines()
-            raise RuntimeError(
-                f"{name} run {run.name} ended {kind}" + (f": {message[0]}" if message else "")
-            )
+            raise RuntimeError(f"{name} run {run.name} ended {kind}" + (f": {message[0]}" if message else ""))
         return _returned(run.state)
     module, function = PIPELINES[pipeline]
     result = getattr(importlib.import_module(module), function)(**params)
@@ -165,9 +157,7 @@ def leaderboard_batch(
     """
     log = get_run_logger()
     if not 1 <= max_parallel <= MAX_PARALLEL:
-        raise WeightsmithError(
-            "max_parallel", f"must be between 1 and {MAX_PARALLEL}, not {max_parallel}"
-        )
+        raise WeightsmithError("max_parallel", f"must be between 1 and {MAX_PARALLEL}, not {max_parallel}")
     stages = check_pipeline(pipeline, stages)
     store = store or use_credentials(credentials) or state.default_store()
     query = SourceQuery(filter=filter, sort=sort, limit=limit, endpoint=endpoint)
@@ -177,8 +167,7 @@ def leaderboard_batch(
     log.info("%d models listed, %d to process", len(decisions), len(todo))
     if dry_run:
         plan = [
-            {"id": d.entry.id, "revision": d.entry.revision, "action": d.action, "reason": d.reason}
-            for d in decisions
+            {"id": d.entry.id, "revision": d.entry.revision, "action": d.action, "reason": d.reason} for d in decisions
         ]
         create_table_artifact(
             key="leaderboard-batch-plan",
@@ -197,9 +186,7 @@ def leaderboard_batch(
             finished = next(as_completed(pending))
             pending.remove(finished)
             outcomes.append(finished.result())
-        pending.append(
-            t.process_model.submit(store, decision.entry, process, backoff_seconds, credentials)
-        )
+        pending.append(t.process_model.submit(store, decision.entry, process, backoff_seconds, credentials))
     outcomes += [f.result() for f in pending]
 
     summary = summarize(decisions, outcomes)

@@ -44,17 +44,28 @@ def weightsmith_pipeline(
     log = get_run_logger()
     bucket_url = use_credentials(credentials)
     options = PipelineOptions(
-        store=store or bucket_url or state.default_store(), name=name, revision=revision,
-        stages=tuple(stages or ("extract", "weight-stats")), layers=tuple(tuple(g) for g in layers or ()),
-        generators=tuple(generators or ("tile-diffusion",)), generator_config=generator_config or {},
-        samples=samples, seed=seed, zoo=zoo, joint=joint, text=text,
+        store=store or bucket_url or state.default_store(),
+        name=name,
+        revision=revision,
+        stages=tuple(stages or ("extract", "weight-stats")),
+        layers=tuple(tuple(g) for g in layers or ()),
+        generators=tuple(generators or ("tile-diffusion",)),
+        generator_config=generator_config or {},
+        samples=samples,
+        seed=seed,
+        zoo=zoo,
+        joint=joint,
+        text=text,
         noise_radii=tuple(noise_radii or PipelineOptions.model_fields["noise_radii"].default),
-        device=device, images=images, run_id=run_id,
+        device=device,
+        images=images,
+        run_id=run_id,
     )
     check(options)
     rid = run_id_for(source, options)
-    model_url = extract_model(source=source, store=options.store, name=name, revision=revision,
-                              images=images, credentials=credentials)
+    model_url = extract_model(
+        source=source, store=options.store, name=name, revision=revision, images=images, credentials=credentials
+    )
     if "predict" not in options.stages:
         report = t.stats_report(model_url, rid, credentials)
         return {"model_url": model_url, "report_url": report, "reports": [report], "status": "done", "verdicts": []}
@@ -63,8 +74,13 @@ def weightsmith_pipeline(
     reports, verdicts = [], []
     plan = predictions_plan(options)
     # Every group's predictions start now, so later groups fit while earlier ones are vetted.
-    pending = [[t.predict_run.submit(model_url, rid, gi, group, label, gen, cfg, options, credentials)
-                for label, gen, cfg, _kind in plan] for gi, group in enumerate(options.layers)]
+    pending = [
+        [
+            t.predict_run.submit(model_url, rid, gi, group, label, gen, cfg, options, credentials)
+            for label, gen, cfg, _kind in plan
+        ]
+        for gi, group in enumerate(options.layers)
+    ]
     for gi, group in enumerate(options.layers):
         futures = pending[gi]
         runs = [(label, gen, kind, cfg, f.result()) for (label, gen, cfg, kind), f in zip(plan, futures, strict=True)]
@@ -76,11 +92,24 @@ def weightsmith_pipeline(
         outcome = t.vet(model_url, f"{rid}-g{gi}", original.result(), runs, options, credentials)
         reports.append(outcome["report_url"])
         verdicts += [f"group {gi}: {v}" for v in outcome["verdicts"]]
-        create_table_artifact(key=_key(f"report-{rid}-g{gi}"), table=outcome["table"],
-                              description=f"Vetting of group {gi} ({', '.join(group)})")
-    create_markdown_artifact(key=_key(f"pipeline-{rid}"), markdown="# weightsmith pipeline\n\n"
-                             + f"- model: `{model_url}`\n" + "".join(f"- report: `{r}`\n" for r in reports)
-                             + "\n## Verdicts\n" + "".join(f"- {v}\n" for v in verdicts))
+        create_table_artifact(
+            key=_key(f"report-{rid}-g{gi}"),
+            table=outcome["table"],
+            description=f"Vetting of group {gi} ({', '.join(group)})",
+        )
+    create_markdown_artifact(
+        key=_key(f"pipeline-{rid}"),
+        markdown="# weightsmith pipeline\n\n"
+        + f"- model: `{model_url}`\n"
+        + "".join(f"- report: `{r}`\n" for r in reports)
+        + "\n## Verdicts\n"
+        + "".join(f"- {v}\n" for v in verdicts),
+    )
     log.info("pipeline %s done: %d report(s)", rid, len(reports))
-    return {"model_url": model_url, "report_url": reports[0] if reports else None, "reports": reports,
-            "status": "done", "verdicts": verdicts}
+    return {
+        "model_url": model_url,
+        "report_url": reports[0] if reports else None,
+        "reports": reports,
+        "status": "done",
+        "verdicts": verdicts,
+    }

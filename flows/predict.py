@@ -26,14 +26,37 @@ DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
 
 
 @flow(name="predict-layer")
-def predict_layer(model_url: str, layer: list[str], generator: str, config: dict | None = None,
-                  chunk_size: str | None = None, chunk_offset: int = 0, samples: int = 1, seed: int = 0,
-                  device: str = "auto", zoo: str | None = None, images: str = "all",
-                  credentials: str | None = None, run_id: str | None = None, joint: bool = False) -> dict:
+def predict_layer(
+    model_url: str,
+    layer: list[str],
+    generator: str,
+    config: dict | None = None,
+    chunk_size: str | None = None,
+    chunk_offset: int = 0,
+    samples: int = 1,
+    seed: int = 0,
+    device: str = "auto",
+    zoo: str | None = None,
+    images: str = "all",
+    credentials: str | None = None,
+    run_id: str | None = None,
+    joint: bool = False,
+) -> dict:
     """Fit/sample `generator` on the tensors matching `layer`; returns the prediction run."""
-    options = PredictOptions(layer=tuple(layer), generator=generator, config=config or {},
-                             chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
-                             device=device, zoo=zoo, joint=joint, images=images, run_id=run_id)
+    options = PredictOptions(
+        layer=tuple(layer),
+        generator=generator,
+        config=config or {},
+        chunk_size=chunk_size,
+        chunk_offset=chunk_offset,
+        samples=samples,
+        seed=seed,
+        device=device,
+        zoo=zoo,
+        joint=joint,
+        images=images,
+        run_id=run_id,
+    )
     result = t.predict(model_url, options, credentials)
     result["host_device_env"] = os.environ.get("DEVICE", "")
     get_run_logger().info("prediction %s on %s", result["run_url"], ", ".join(result["devices"]))
@@ -71,14 +94,38 @@ def choose_pool() -> tuple[str, str]:
 
 
 @flow(name="predict-dispatch")
-def dispatch_predict(model_url: str, layer: list[str], generator: str, config: dict | None = None,
-                     chunk_size: str | None = None, chunk_offset: int = 0, samples: int = 1, seed: int = 0,
-                     device: str = "auto", zoo: str | None = None, images: str = "all",
-                     credentials: str | None = None, gpu_timeout: float = 600.0, joint: bool = False) -> dict:
+def dispatch_predict(
+    model_url: str,
+    layer: list[str],
+    generator: str,
+    config: dict | None = None,
+    chunk_size: str | None = None,
+    chunk_offset: int = 0,
+    samples: int = 1,
+    seed: int = 0,
+    device: str = "auto",
+    zoo: str | None = None,
+    images: str = "all",
+    credentials: str | None = None,
+    gpu_timeout: float = 600.0,
+    joint: bool = False,
+) -> dict:
     """Send the prediction to the GPU pool, the CPU pool or run it here; record why."""
-    params = dict(model_url=model_url, layer=layer, generator=generator, config=config or {},
-                  chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
-                  device=device, zoo=zoo, images=images, credentials=credentials, joint=joint)
+    params = dict(
+        model_url=model_url,
+        layer=layer,
+        generator=generator,
+        config=config or {},
+        chunk_size=chunk_size,
+        chunk_offset=chunk_offset,
+        samples=samples,
+        seed=seed,
+        device=device,
+        zoo=zoo,
+        images=images,
+        credentials=credentials,
+        joint=joint,
+    )
     use_credentials(credentials)
     pool, reason = choose_pool()
     attempts: list[tuple[str, str]] = []
@@ -102,14 +149,21 @@ def dispatch_predict(model_url: str, layer: list[str], generator: str, config: d
     run = parse_model_url(model_url)
     facts = run.store.read_json(run.key("predictions", run_id, PREDICTION))
     devices = sorted({d for t in facts["tensors"].values() for d in t["devices"]})
-    outcome = {"run_url": run.store.url_of(run.key("predictions", run_id)), "run_id": run_id,
-               "tensors": list(facts["tensors"]), "devices": devices, "host_device_env": facts["device"]["env"]}
+    outcome = {
+        "run_url": run.store.url_of(run.key("predictions", run_id)),
+        "run_id": run_id,
+        "tensors": list(facts["tensors"]),
+        "devices": devices,
+        "host_device_env": facts["device"]["env"],
+    }
     create_markdown_artifact(
         key="predict-dispatch",
-        markdown=(f"# predict dispatch\n\n- chosen: **{pool}**\n- reason: {reason}\n"
-                  f"- attempts: {', '.join(f'{p}: {s}' for p, s in attempts)}\n"
-                  f"- device used: {', '.join(devices)} (worker DEVICE={facts['device']['env'] or 'unset'})\n"
-                  f"- run: `{outcome['run_url']}`\n"),
+        markdown=(
+            f"# predict dispatch\n\n- chosen: **{pool}**\n- reason: {reason}\n"
+            f"- attempts: {', '.join(f'{p}: {s}' for p, s in attempts)}\n"
+            f"- device used: {', '.join(devices)} (worker DEVICE={facts['device']['env'] or 'unset'})\n"
+            f"- run: `{outcome['run_url']}`\n"
+        ),
         description="Where the prediction ran and why",
     )
     return {**outcome, "pool": pool, "reason": reason, "attempts": attempts}

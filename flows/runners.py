@@ -28,8 +28,9 @@ def make_runner(kind: str = "threads", workers: int = DEFAULT_WORKERS, dask_addr
 
         if dask_address:
             return DaskTaskRunner(address=dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        )
     raise ValueError(f"unknown task runner {kind!r} (choose from {', '.join(RUNNERS)})")
 
 

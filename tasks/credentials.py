@@ -26,7 +26,9 @@ def use_credentials(block: str | None) -> str | None:
     creds = loaded.credentials if isinstance(loaded, S3Bucket) else loaded
     env = {
         "AWS_ACCESS_KEY_ID": creds.aws_access_key_id,
-        "AWS_SECRET_ACCESS_KEY": creds.aws_secret_access_key.get_secret_value() if creds.aws_secret_access_key else None,
+        "AWS_SECRET_ACCESS_KEY": creds.aws_secret_access_key.get_secret_value()
+        if creds.aws_secret_access_key
+        else None,
         "AWS_SESSION_TOKEN": creds.aws_session_token,
         "AWS_REGION": creds.region_name,
         "AWS_ENDPOINT_URL_S3": creds.aws_client_parameters.endpoint_url if creds.aws_client_parameters else None,

@@ -18,8 +18,14 @@ from weightsmith import extract as lib
 from weightsmith.model import parse_model_url
 from weightsmith.sources import Source, open_source
 
-_POLICY = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=RETRY_JITTER,
-               retry_condition_fn=storage_error, cache_policy=NO_CACHE, tags=["weightsmith", "extract"])
+_POLICY = dict(
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=storage_error,
+    cache_policy=NO_CACHE,
+    tags=["weightsmith", "extract"],
+)
 
 
 def _source(url: str) -> Source:
@@ -45,15 +51,17 @@ def prepare(source_url: str, options: lib.ExtractOptions, credentials: str | Non
 
 
 @task(name="checksum-unit", **_POLICY)
-def checksum_unit(source_url: str, unit: lib.WorkUnit, block_bytes: int,
-                  credentials: str | None = None) -> dict[str, str]:
+def checksum_unit(
+    source_url: str, unit: lib.WorkUnit, block_bytes: int, credentials: str | None = None
+) -> dict[str, str]:
     use_credentials(credentials)
     return lib.checksum_unit(_source(source_url), unit, block_bytes)
 
 
 @task(name="resolve-model", **_POLICY)
-def resolve_model(source_url: str, options: lib.ExtractOptions, checksums: dict[str, str] | None,
-                  credentials: str | None = None) -> dict:
+def resolve_model(
+    source_url: str, options: lib.ExtractOptions, checksums: dict[str, str] | None, credentials: str | None = None
+) -> dict:
     """Name the model (slug, revision) and copy headers and sidecars into its files/."""
     use_credentials(credentials)
     source = _source(source_url)
@@ -62,23 +70,37 @@ def resolve_model(source_url: str, options: lib.ExtractOptions, checksums: dict[
 
 
 @task(name="extract-unit", **_POLICY)
-def extract_unit(source_url: str, model_url: str, unit: lib.WorkUnit, options: lib.ExtractOptions,
-                 expected: dict[str, str] | None, credentials: str | None = None,
-                 fingerprints: tuple | None = None) -> int:
+def extract_unit(
+    source_url: str,
+    model_url: str,
+    unit: lib.WorkUnit,
+    options: lib.ExtractOptions,
+    expected: dict[str, str] | None,
+    credentials: str | None = None,
+    fingerprints: tuple | None = None,
+) -> int:
     """Returns the number of tensors written (0 when the unit was already complete).
 
     `fingerprints` (the plan's, taken before the checksum tasks) let a worker on the same machine
     trust `expected` for a local file that has not changed since, instead of hashing it again.
     """
     use_credentials(credentials)
-    result = lib.extract_unit(_source(source_url), parse_model_url(model_url), unit, options, expected,
-                              fingerprints=fingerprints)
+    result = lib.extract_unit(
+        _source(source_url), parse_model_url(model_url), unit, options, expected, fingerprints=fingerprints
+    )
     return result.written
 
 
 @task(name="publish-manifest", **_POLICY)
-def publish(source_url: str, model_url: str, files: dict, the_plan: lib.ExtractPlan,
-            options: lib.ExtractOptions, facts: dict, credentials: str | None = None) -> dict:
+def publish(
+    source_url: str,
+    model_url: str,
+    files: dict,
+    the_plan: lib.ExtractPlan,
+    options: lib.ExtractOptions,
+    facts: dict,
+    credentials: str | None = None,
+) -> dict:
     """Read every record back from the store, write the manifest last, then the run facts."""
     use_credentials(credentials)
     source = _source(source_url)
@@ -86,8 +108,9 @@ def publish(source_url: str, model_url: str, files: dict, the_plan: lib.ExtractP
     records = lib.stored_records(source, model, the_plan.units, options.generation)
     manifest = lib.build_manifest(model, source, options, files, records)
     status = lib.publish(model, manifest, options.force)
-    lib.write_run(model, facts["run_id"], {**facts, "finished": time.time(), "outcome": status,
-                                           "tensors": len(records)})
+    lib.write_run(
+        model, facts["run_id"], {**facts, "finished": time.time(), "outcome": status, "tensors": len(records)}
+    )
     return {"status": status, "manifest": model.key("manifest.json"), "tensors": len(records)}
 
 

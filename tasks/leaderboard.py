@@ -26,9 +26,7 @@ _RETRY = dict(
 
 
 @task(name="read-source", **_RETRY)
-def read_source(
-    source: str, query: lib.SourceQuery, credentials: str | None = None
-) -> list[lib.ModelEntry]:
+def read_source(source: str, query: lib.SourceQuery, credentials: str | None = None) -> list[lib.ModelEntry]:
     use_credentials(credentials)
     return lib.read_source(source, query)
 

@@ -10,28 +10,49 @@ from tasks.policy import RETRIES, RETRY_DELAYS, RETRY_JITTER, storage_error
 from weightsmith import pipeline as lib
 from weightsmith.model import parse_model_url
 
-_POLICY = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=RETRY_JITTER,
-               retry_condition_fn=storage_error, cache_policy=NO_CACHE, tags=["weightsmith", "pipeline"])
+_POLICY = dict(
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=storage_error,
+    cache_policy=NO_CACHE,
+    tags=["weightsmith", "pipeline"],
+)
 
 
 @task(name="predict-run", **_POLICY)
-def predict_run(model_url: str, run_id: str, gi: int, group: tuple[str, ...], label: str, generator: str,
-                config: dict, options: lib.PipelineOptions, credentials: str | None = None) -> str:
+def predict_run(
+    model_url: str,
+    run_id: str,
+    gi: int,
+    group: tuple[str, ...],
+    label: str,
+    generator: str,
+    config: dict,
+    options: lib.PipelineOptions,
+    credentials: str | None = None,
+) -> str:
     use_credentials(credentials)
     return lib.predict_group(parse_model_url(model_url), run_id, gi, group, label, generator, config, options)
 
 
 @task(name="novelty-noise-runs", **_POLICY)
-def novelty_noise(model_url: str, run_id: str, gi: int, group: tuple[str, ...], generated: list[str],
-                  options: lib.PipelineOptions, credentials: str | None = None) -> list[tuple]:
+def novelty_noise(
+    model_url: str,
+    run_id: str,
+    gi: int,
+    group: tuple[str, ...],
+    generated: list[str],
+    options: lib.PipelineOptions,
+    credentials: str | None = None,
+) -> list[tuple]:
     """Noise baselines at the generators' median novelty (the radii not already run)."""
     use_credentials(credentials)
     return lib.novelty_noise_runs(parse_model_url(model_url), run_id, gi, group, generated, options)
 
 
 @task(name="assemble-candidate", **_POLICY)
-def assemble(model_url: str, pred_id: str | None, sample: int, run_id: str,
-             credentials: str | None = None) -> str:
+def assemble(model_url: str, pred_id: str | None, sample: int, run_id: str, credentials: str | None = None) -> str:
     use_credentials(credentials)
     model = parse_model_url(model_url)
     if pred_id is None:
@@ -40,15 +61,30 @@ def assemble(model_url: str, pred_id: str | None, sample: int, run_id: str,
 
 
 @task(name="vet-group", **_POLICY)
-def vet(model_url: str, report_id: str, original: str, runs: list[tuple], options: lib.PipelineOptions,
-        credentials: str | None = None) -> dict:
+def vet(
+    model_url: str,
+    report_id: str,
+    original: str,
+    runs: list[tuple],
+    options: lib.PipelineOptions,
+    credentials: str | None = None,
+) -> dict:
     from weightsmith.vetting import vet_group
 
     use_credentials(credentials)
     model = parse_model_url(model_url)
     text = options.text if "lm-eval" in options.stages else None
-    url, sentences, rows = vet_group(model, report_id, lib.key_of(model, original), runs, options.samples,
-                                     options.zoo, text, options.device, lambda m: None)
+    url, sentences, rows = vet_group(
+        model,
+        report_id,
+        lib.key_of(model, original),
+        runs,
+        options.samples,
+        options.zoo,
+        text,
+        options.device,
+        lambda m: None,
+    )
     return {"report_url": url, "verdicts": sentences, "table": rows}
 
 

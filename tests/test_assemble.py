@@ -146,22 +146,16 @@ def test_predicted_tensors_replace_the_base(tiny: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_predictions_are_cast_to_a_half_precision_base(
-    tiny: dict, tmp_path: Path, dtype: str
-) -> None:
+def test_predictions_are_cast_to_a_half_precision_base(tiny: dict, tmp_path: Path, dtype: str) -> None:
     import torch
     from transformers import GPT2LMHeadModel
 
     folder = tmp_path / f"gpt-{dtype}"
     model = GPT2LMHeadModel.from_pretrained(tiny["folder"], dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
-    url = extract(
-        str(folder), ExtractOptions(store=str(tmp_path / "store"), images="none")
-    ).model_url
+    url = extract(str(folder), ExtractOptions(store=str(tmp_path / "store"), images="none")).model_url
     name = "transformer.h.1.attn.c_attn.weight"
-    run = predict(
-        url, PredictOptions(layer=(name,), generator="noise", images="none", device="cpu")
-    ).run_id
+    run = predict(url, PredictOptions(layer=(name,), generator="noise", images="none", device="cpu")).run_id
     zeros = np.zeros((128, 64), np.float32)
     out = tmp_path / "candidate"
     result = assemble(
@@ -258,12 +252,8 @@ def test_gguf_base_gives_float_tensors_under_gguf_names(fixtures_dir: Path, tmp_
         assert _same_bytes(state[r["name"]], want), r["name"]
 
 
-def test_store_output_writes_candidate_json_last(
-    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    url = extract(
-        str(tiny["folder"]), ExtractOptions(store=str(tmp_path / "store"), images="none")
-    ).model_url
+def test_store_output_writes_candidate_json_last(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = extract(str(tiny["folder"]), ExtractOptions(store=str(tmp_path / "store"), images="none")).model_url
     writes: list[str] = []
     for method in ("put_file", "write_bytes", "create_if_absent"):
         original = getattr(Store, method)
@@ -353,9 +343,7 @@ def test_plan_packs_shards_greedily() -> None:
     assert {t.shard for t in plan(records, {}, shard_bytes=10_000)} == {0}
 
 
-def test_a_failure_part_way_leaves_nothing(
-    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failure_part_way_leaves_nothing(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args):
         yield np.zeros(1, np.float32)
         raise OSError("disk on fire")

@@ -91,9 +91,7 @@ def test_bad_fixture_list_is_not_empty() -> None:
 
 def test_missing_file_is_rejected(home: Path, tmp_path: Path) -> None:
     path = tmp_path / "no-such-model.safetensors"
-    assert_user_error(
-        cli("extract", path, "--store", tmp_path / "store"), str(path), "no such file"
-    )
+    assert_user_error(cli("extract", path, "--store", tmp_path / "store"), str(path), "no such file")
     assert_user_error(cli("inspect", path), str(path))
     assert_nothing_written(tmp_path / "store", home / "store")
 
@@ -145,9 +143,7 @@ def test_malformed_header_is_one_line(home: Path, tmp_path: Path, case: str) -> 
 
 def test_bad_option_is_one_line(home: Path, fixtures_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    assert_user_error(
-        cli("extract", fixtures_dir / MINICPM, "--store", store, "--images", "bogus"), "--images"
-    )
+    assert_user_error(cli("extract", fixtures_dir / MINICPM, "--store", store, "--images", "bogus"), "--images")
     assert_nothing_written(store)
 
 
@@ -268,9 +264,7 @@ def test_restore_sharded_into_a_folder(home: Path, fixtures_dir: Path, tmp_path:
     out = tmp_path / "out"
     restored = cli("restore", url, "--out", out)
     assert restored.returncode == 0, restored.stderr
-    assert sorted(Path(p).name for p in restored.stdout.split()) == sorted(
-        p.name for p in source.iterdir()
-    )
+    assert sorted(Path(p).name for p in restored.stdout.split()) == sorted(p.name for p in source.iterdir())
     for p in source.iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes()
 

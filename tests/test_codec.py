@@ -35,9 +35,7 @@ DTYPES = st.sampled_from(["float32", "float16", "bfloat16", "int8"])
 KINDS = st.sampled_from(["normal", "heavy", "outliers", "sparse", "constant"])
 
 
-def make_tensor(
-    shape: tuple[int, ...], dtype: str, kind: str, seed: int, log_scale: int
-) -> np.ndarray:
+def make_tensor(shape: tuple[int, ...], dtype: str, kind: str, seed: int, log_scale: int) -> np.ndarray:
     """A tensor of a realistic or awkward value distribution, cast to `dtype`."""
     rng = np.random.default_rng(seed)
     scale = 10.0**log_scale
@@ -176,9 +174,7 @@ def test_image_round_trip(pixel_map: PixelMap) -> None:
     pixels = images[:, 0][inside]
     assert pixels.min() >= pixel_map.low and pixels.max() <= pixel_map.high
     # values beyond the limit are kept outside the pixel range, not clipped
-    assert (images[:, 0][~inside] < pixel_map.low).any() or (
-        images[:, 0][~inside] > pixel_map.high
-    ).any()
+    assert (images[:, 0][~inside] < pixel_map.low).any() or (images[:, 0][~inside] > pixel_map.high).any()
     back = from_image(images, pixel_map)
     np.testing.assert_array_equal(back, from_image(images[:, 0], pixel_map))
     decoded = decode(enc, back)
@@ -209,9 +205,7 @@ def test_parse_size(text, nbytes: int) -> None:
     assert parse_size(text) == nbytes
 
 
-@pytest.mark.parametrize(
-    "text", ["", "KB", "12QB", "1.5", "-3MB", "0", "0KB", "1e3", "3 M B", "1.0001KB"]
-)
+@pytest.mark.parametrize("text", ["", "KB", "12QB", "1.5", "-3MB", "0", "0KB", "1e3", "3 M B", "1.0001KB"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(WeightsmithError, match=f"size {text!r}"):
         parse_size(text)
@@ -239,9 +233,7 @@ def test_chunk_region_and_cover() -> None:
 def test_splice_replaces_exactly_the_run(shape: tuple[int, ...], data) -> None:
     numel = math.prod(shape)
     tensor = np.arange(numel, dtype=np.float32).reshape(shape)
-    chunk = chunk_region(
-        shape, 4 * data.draw(st.integers(1, numel)), data.draw(st.integers(0, numel - 1))
-    )
+    chunk = chunk_region(shape, 4 * data.draw(st.integers(1, numel)), data.draw(st.integers(0, numel - 1)))
     values = -1.0 - np.arange(chunk.size, dtype=np.float32)
     out = splice(tensor, values, chunk.offset)
     assert out.shape == tensor.shape and out.dtype == tensor.dtype

@@ -44,9 +44,7 @@ def client_env(stack: DevStack) -> dict[str, str]:
 
 
 def run(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -91,9 +89,7 @@ def processes_of(home: Path) -> list[str]:
     for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
         if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
             continue
-        text = (
-            " ".join(p.info["cmdline"] or []) + " " + " ".join((p.info["environ"] or {}).values())
-        )
+        text = " ".join(p.info["cmdline"] or []) + " " + " ".join((p.info["environ"] or {}).values())
         if str(home) in text:
             found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])}")
     return found
@@ -139,9 +135,7 @@ def test_extract_model_deployment_matches_the_library(
         assert deployed.is_complete(), f"no manifest at {deployed.url}"
         # Keys in a manifest are relative to its store: both runs wrote the same bytes.
         reference = parse_model_url(library.model_url)
-        assert deployed.store.read_bytes(deployed.key(MANIFEST)) == reference.store.read_bytes(
-            reference.key(MANIFEST)
-        )
+        assert deployed.store.read_bytes(deployed.key(MANIFEST)) == reference.store.read_bytes(reference.key(MANIFEST))
         assert len(deployed.manifest()["tensors"]) == library.tensors > 0
 
         # A run in progress: `down` stops its process too (it runs in a session of its own).

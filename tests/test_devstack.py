@@ -209,9 +209,7 @@ def test_status_reports_a_broken_record_as_a_user_error(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_failed_up_stops_what_it_started_and_names_the_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_up_stops_what_it_started_and_names_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The server exits at once; SeaweedFS, started meanwhile, must be stopped again.
     monkeypatch.setattr(devstack, "_server_command", lambda port: ["sh", "-c", "exit 3"])
     home = tmp_path / "home"
@@ -282,9 +280,7 @@ def test_dev_up_status_and_down_leave_nothing_running(tmp_path: Path) -> None:
         # `up` again reports the running stack instead of starting another one.
         again = devstack.up(home)
         assert again.already_running
-        assert {c.name: c.pid for c in again.components.values()} == {
-            c.name: c.pid for c in stack.components.values()
-        }
+        assert {c.name: c.pid for c in again.components.values()} == {c.name: c.pid for c in stack.components.values()}
         assert again.exports() == stack.exports()
 
         status = dev_cli("status", "--json", home=home, timeout=60)

@@ -133,9 +133,7 @@ def test_fixture_round_trips_byte_for_byte(fixtures_dir: Path, tmp_path: Path, r
     assert_no_leftovers(store)
 
 
-def test_restore_into_an_existing_folder_uses_the_container_name(
-    fixtures_dir: Path, tmp_path: Path
-) -> None:
+def test_restore_into_an_existing_folder_uses_the_container_name(fixtures_dir: Path, tmp_path: Path) -> None:
     source = fixtures_dir / MINICPM
     result = extract(str(source), ExtractOptions(store=str(tmp_path / "store"), images="none"))
     out = tmp_path / "out"
@@ -169,9 +167,7 @@ def test_gptq_weight_matches_golden(fixtures_dir: Path, tmp_path: Path, model_na
         assert set(manifest["tensors"][c]["artifacts"]) == {"zarr"}
     assert {"zarr", "tiff", "png"} <= set(weight["artifacts"])
 
-    golden = load_file(str(fixtures_dir / "gptq" / f"{model_name}.expected.safetensors"))[
-        GPTQ_GOLDEN
-    ]
+    golden = load_file(str(fixtures_dir / "gptq" / f"{model_name}.expected.safetensors"))[GPTQ_GOLDEN]
     stored = arrays.read_exact(model.store, weight["artifacts"]["zarr"])
     assert stored.dtype == np.float32 and stored.shape == (256, 256)
     np.testing.assert_allclose(stored, golden.T, rtol=2**-7, atol=1e-6)
@@ -215,9 +211,7 @@ def delete_record(model: ModelRef, record: dict) -> None:
     path.write_text(json.dumps(meta))
 
 
-def test_deleted_artifacts_are_rewritten_and_nothing_else(
-    fixtures_dir: Path, tmp_path: Path
-) -> None:
+def test_deleted_artifacts_are_rewritten_and_nothing_else(fixtures_dir: Path, tmp_path: Path) -> None:
     options = ExtractOptions(store=str(tmp_path / "store"))
     first = extract(str(fixtures_dir / MINICPM), options)
     manifest = manifest_bytes(first)
@@ -227,11 +221,7 @@ def test_deleted_artifacts_are_rewritten_and_nothing_else(
     local(model, tensors["model.norm.weight"]["artifacts"]["tiff"]).unlink()
     local(model, tensors["model.embed_tokens.weight"]["artifacts"]["png"]).unlink()
     delete_record(model, tensors["model.layers.0.mlp.up_proj.weight"])
-    before = {
-        p: p.stat().st_mtime_ns
-        for p in local(model, model.key("tensors")).rglob("*")
-        if p.is_file()
-    }
+    before = {p: p.stat().st_mtime_ns for p in local(model, model.key("tensors")).rglob("*") if p.is_file()}
 
     assert not verify(first.model_url).ok
     second = extract(str(fixtures_dir / MINICPM), options)
@@ -304,9 +294,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_failure_midway_keeps_finished_tensors_and_resumes(
-    fixtures_dir: Path, tmp_path: Path
-) -> None:
+def test_failure_midway_keeps_finished_tensors_and_resumes(fixtures_dir: Path, tmp_path: Path) -> None:
     source = str(fixtures_dir / MINICPM)
     reference = extract(source, ExtractOptions(store=str(tmp_path / "reference")))
     store = tmp_path / "store"
@@ -413,11 +401,7 @@ def test_images_all_writes_float_tiff_and_gray_png(images_source: Path, tmp_path
         arts = record["artifacts"]
         assert set(arts) == {"zarr", "tiff", "png", "png_sha256"}  # verify rebuilds the TIFF
         shape2d = (
-            (1, 1)
-            if values.ndim == 0
-            else (1, values.size)
-            if values.ndim == 1
-            else (values.shape[0], values[0].size)
+            (1, 1) if values.ndim == 0 else (1, values.size) if values.ndim == 1 else (values.shape[0], values[0].size)
         )
         with tifffile.TiffFile(local(model, arts["tiff"])) as tif:
             (page,) = tif.pages
@@ -478,8 +462,9 @@ def test_verify_rebuilds_the_tiff_and_notices_damage(images_source: Path, tmp_pa
     assert len(problems) == 1 and problems[0].startswith("tiff of 'big'"), problems
 
 
-def test_a_compressed_tiff_keeps_its_checksum(images_source: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_compressed_tiff_keeps_its_checksum(
+    images_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(images, "TIFF_COMPRESSION", "zlib")
     result = extract(str(images_source), ExtractOptions(store=str(tmp_path / "store")))
     model = model_of(result)
@@ -494,9 +479,7 @@ def test_a_compressed_tiff_keeps_its_checksum(images_source: Path, tmp_path: Pat
 
 
 def test_images_preview_writes_png_only(images_source: Path, tmp_path: Path) -> None:
-    result = extract(
-        str(images_source), ExtractOptions(store=str(tmp_path / "store"), images="preview")
-    )
+    result = extract(str(images_source), ExtractOptions(store=str(tmp_path / "store"), images="preview"))
     model = model_of(result)
     for record in model.manifest()["tensors"].values():
         assert set(record["artifacts"]) == {"zarr", "png", "png_sha256"}
@@ -506,9 +489,7 @@ def test_images_preview_writes_png_only(images_source: Path, tmp_path: Path) -> 
 
 
 def test_images_none_writes_arrays_only(images_source: Path, tmp_path: Path) -> None:
-    result = extract(
-        str(images_source), ExtractOptions(store=str(tmp_path / "store"), images="none")
-    )
+    result = extract(str(images_source), ExtractOptions(store=str(tmp_path / "store"), images="none"))
     model = model_of(result)
     for record in model.manifest()["tensors"].values():
         assert set(record["artifacts"]) == {"zarr"}
@@ -668,12 +649,8 @@ def test_revision_covers_the_header(tmp_path: Path) -> None:
     save_file(values, str(tmp_path / "a.safetensors"), metadata={"v": "1"})
     save_file(values, str(tmp_path / "b.safetensors"), metadata={"v": "2"})
     store = str(tmp_path / "store")
-    rev_a = extract(
-        str(tmp_path / "a.safetensors"), ExtractOptions(store=store, images="none")
-    ).revision
-    rev_b = extract(
-        str(tmp_path / "b.safetensors"), ExtractOptions(store=store, images="none")
-    ).revision
+    rev_a = extract(str(tmp_path / "a.safetensors"), ExtractOptions(store=store, images="none")).revision
+    rev_b = extract(str(tmp_path / "b.safetensors"), ExtractOptions(store=store, images="none")).revision
     assert rev_a != rev_b
 
 
@@ -700,9 +677,7 @@ def test_hugging_face_cache_path_gives_id_and_commit(fixtures_dir: Path, tmp_pat
     (repo / "blobs" / "cfg").write_text('{"model_type": "minicpm3"}')
     (snapshot / "config.json").symlink_to(os.path.relpath(repo / "blobs" / "cfg", snapshot))
 
-    result = extract(
-        str(snapshot / "model.safetensors"), ExtractOptions(store=str(tmp_path / "store"))
-    )
+    result = extract(str(snapshot / "model.safetensors"), ExtractOptions(store=str(tmp_path / "store")))
     assert (result.slug, result.revision) == ("org--name", COMMIT)
     manifest = model_of(result).manifest()
     assert manifest["model"]["hf_id"] == "org/name"
@@ -732,9 +707,7 @@ def test_partial_selection(fixtures_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     result = extract(
         str(fixtures_dir / MINICPM),
-        ExtractOptions(
-            store=str(store), include=("*layernorm*",), exclude=("*kv_a*",), images="none"
-        ),
+        ExtractOptions(store=str(store), include=("*layernorm*",), exclude=("*kv_a*",), images="none"),
     )
     manifest = model_of(result).manifest()
     assert sorted(manifest["tensors"]) == [

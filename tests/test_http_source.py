@@ -38,9 +38,7 @@ def header_size(path: Path) -> int:
 def write_model(path: Path) -> dict[str, np.ndarray]:
     """About 1 MB in several tensors of random values."""
     rng = np.random.default_rng(3)
-    tensors = {
-        f"layer.{i}.weight": rng.standard_normal((128, 256)).astype(np.float32) for i in range(8)
-    }
+    tensors = {f"layer.{i}.weight": rng.standard_normal((128, 256)).astype(np.float32) for i in range(8)}
     tensors["norm.bias"] = rng.standard_normal(256).astype(np.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
@@ -69,9 +67,7 @@ def test_open_reads_only_the_header(http_server: RangeHTTPServer, served: tuple[
     assert None not in gets(http_server, "org/model.safetensors")  # every GET is ranged
 
 
-def test_reading_one_tensor_fetches_exactly_its_range(
-    http_server: RangeHTTPServer, served: tuple[Path, str]
-) -> None:
+def test_reading_one_tensor_fetches_exactly_its_range(http_server: RangeHTTPServer, served: tuple[Path, str]) -> None:
     path, url = served
     source = open_source(url)
     entry = source.tensors["layer.5.weight"]
@@ -102,9 +98,7 @@ def test_inspect_cli_reads_only_the_header(
     assert http_server.bytes_sent["org/model.safetensors"] == header_size(path)
 
 
-def test_extract_over_http_round_trips(
-    http_server: RangeHTTPServer, served: tuple[Path, str], tmp_path: Path
-) -> None:
+def test_extract_over_http_round_trips(http_server: RangeHTTPServer, served: tuple[Path, str], tmp_path: Path) -> None:
     path, url = served
     result = extract(url, ExtractOptions(store=str(tmp_path / "store")))
     assert result.slug == "org"  # the parent "folder" of the URL
@@ -121,17 +115,13 @@ def test_extract_over_http_round_trips(
 
     # With a known revision there is no checksum pass: each tensor byte travels once.
     http_server.reset()
-    known = extract(
-        url, ExtractOptions(store=str(tmp_path / "store2"), revision="r1", images="none")
-    )
+    known = extract(url, ExtractOptions(store=str(tmp_path / "store2"), revision="r1", images="none"))
     data = path.stat().st_size - header_size(path)
     assert data <= http_server.bytes_sent["org/model.safetensors"] <= data + 3 * header_size(path)
     assert known.revision == "r1"
 
 
-def test_sharded_folder_over_http(
-    http_server: RangeHTTPServer, fixtures_dir: Path, tmp_path: Path
-) -> None:
+def test_sharded_folder_over_http(http_server: RangeHTTPServer, fixtures_dir: Path, tmp_path: Path) -> None:
     (http_server.root / "mc3").mkdir()
     for p in (fixtures_dir / SHARDED).iterdir():  # copyfile: writable copies of read-only files
         shutil.copyfile(p, http_server.root / "mc3" / p.name)
@@ -155,9 +145,7 @@ def test_sharded_folder_over_http(
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
 
 
-def test_gguf_over_http_round_trips(
-    http_server: RangeHTTPServer, fixtures_dir: Path, tmp_path: Path
-) -> None:
+def test_gguf_over_http_round_trips(http_server: RangeHTTPServer, fixtures_dir: Path, tmp_path: Path) -> None:
     name = "ollama_llama-2-tiny-random.gguf"
     shutil.copyfile(fixtures_dir / "gguf" / name, http_server.root / name)
     http_server.reset()
@@ -168,9 +156,7 @@ def test_gguf_over_http_round_trips(
     assert data_start <= http_server.bytes_sent[name] <= 2 * data_start
     assert http_server.bytes_sent[name] < (fixtures_dir / "gguf" / name).stat().st_size
     assert None not in gets(http_server, name)
-    result = extract(
-        http_server.url_for(name), ExtractOptions(store=str(tmp_path / "store"), images="none")
-    )
+    result = extract(http_server.url_for(name), ExtractOptions(store=str(tmp_path / "store"), images="none"))
     out = tmp_path / name
     restore(result.model_url, str(out))
     assert out.read_bytes() == (fixtures_dir / "gguf" / name).read_bytes()
@@ -184,9 +170,7 @@ def test_missing_url_is_a_one_line_error(http_server: RangeHTTPServer) -> None:
     assert "\n" not in str(excinfo.value)
 
 
-def test_url_with_query_reads_only_the_header(
-    http_server: RangeHTTPServer, served: tuple[Path, str]
-) -> None:
+def test_url_with_query_reads_only_the_header(http_server: RangeHTTPServer, served: tuple[Path, str]) -> None:
     path, url = served
     open_source(url + "?X-Amz-Signature=SECRET")
     assert http_server.bytes_sent["org/model.safetensors"] == header_size(path)

@@ -68,8 +68,13 @@ def test_a_lease_of_a_dead_process_or_past_its_expiry_is_taken_over(tmp_path: Pa
     model = model_in(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    body = {"run_id": "killed", "host": os.uname().nodename, "pid": dead.pid, "renewed": time.time(),
-            "expires": time.time() + 3600}
+    body = {
+        "run_id": "killed",
+        "host": os.uname().nodename,
+        "pid": dead.pid,
+        "renewed": time.time(),
+        "expires": time.time() + 3600,
+    }
     model.store.write_json(model.key(lease.LEASE), body)
     with lease.acquire(model, "next"):
         assert lease.holder(model)["run_id"] == "next"
@@ -113,8 +118,10 @@ def test_a_forced_run_replaces_a_published_model_through_a_new_generation(source
     generation = manifest["generation"]
     assert generation == forced.run_id
     for record in manifest["tensors"].values():
-        assert all(k.startswith(model.key("generations", generation) + "/")
-                   for k in (record["artifacts"]["zarr"], record["artifacts"]["tiff"], record["artifacts"]["png"]))
+        assert all(
+            k.startswith(model.key("generations", generation) + "/")
+            for k in (record["artifacts"]["zarr"], record["artifacts"]["tiff"], record["artifacts"]["png"])
+        )
     assert verify(model.url).ok
 
     # A plain re-run uses the published generation: nothing written, the same manifest.

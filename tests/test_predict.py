@@ -32,8 +32,9 @@ def _run(url: str, **kw) -> tuple[dict, dict[str, list[np.ndarray]]]:
     result = predict(url, options)
     model = parse_model_url(url)
     facts = model.store.read_json(model.key("predictions", result.run_id, "prediction.json"))
-    values = {name: list(np.asarray(arrays.open_array(model.store, e["zarr"])[...]))
-              for name, e in facts["tensors"].items()}
+    values = {
+        name: list(np.asarray(arrays.open_array(model.store, e["zarr"])[...])) for name, e in facts["tensors"].items()
+    }
     return facts, values
 
 
@@ -82,18 +83,30 @@ def test_joint_refuses_a_chunk(model_url: str) -> None:
     model = parse_model_url(model_url)
     before = set(model.store.list(model.key("predictions")))
     with pytest.raises(WeightsmithError, match="--joint.*--chunk-size"):
-        predict(model_url, PredictOptions(layer=LAYER_NORMS, generator="noise", joint=True, chunk_size="128B",
-                                          images="none", device="cpu"))
+        predict(
+            model_url,
+            PredictOptions(
+                layer=LAYER_NORMS, generator="noise", joint=True, chunk_size="128B", images="none", device="cpu"
+            ),
+        )
     assert set(model.store.list(model.key("predictions"))) == before  # nothing written
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_predict_on_cuda(model_url: str) -> None:
-    tiny = {"tile": 16, "ae_channels": 16, "block_out_channels": [16, 32], "ae_train_steps": 20,
-            "unet_train_steps": 40, "batch_size": 16, "sample_steps": 4}
-    facts, values = _run(model_url, layer=LAYER_NORMS, generator="tile-diffusion", config=tiny, samples=2,
-                         joint=True, device="auto")
+    tiny = {
+        "tile": 16,
+        "ae_channels": 16,
+        "block_out_channels": [16, 32],
+        "ae_train_steps": 20,
+        "unet_train_steps": 40,
+        "batch_size": 16,
+        "sample_steps": 4,
+    }
+    facts, values = _run(
+        model_url, layer=LAYER_NORMS, generator="tile-diffusion", config=tiny, samples=2, joint=True, device="auto"
+    )
     assert facts["device"]["resolved"] == "cuda"
     assert {d for e in facts["tensors"].values() for d in e["devices"]} == {"cuda:0"}
     assert all(np.isfinite(v).all() and v.shape == (64,) for vs in values.values() for v in vs)

@@ -28,10 +28,7 @@ SHARDED = "safetensors/sharded_minicpm3"
 
 def write_model(path: Path, tensors: int = 4, rows: int = 64) -> Path:
     rng = np.random.default_rng(11)
-    values = {
-        f"layer.{i}.weight": rng.standard_normal((rows, 1024)).astype(np.float32)
-        for i in range(tensors)
-    }
+    values = {f"layer.{i}.weight": rng.standard_normal((rows, 1024)).astype(np.float32) for i in range(tensors)}
     values["norm.weight"] = rng.standard_normal(1024).astype(np.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(values, str(path))
@@ -75,9 +72,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # round trips
 
 
-@pytest.mark.parametrize(
-    "rel", ["random", "gguf/ollama_llama-2-tiny-random.gguf", "gptq/falcon3_1b_int4.safetensors"]
-)
+@pytest.mark.parametrize("rel", ["random", "gguf/ollama_llama-2-tiny-random.gguf", "gptq/falcon3_1b_int4.safetensors"])
 def test_s3_source_into_s3_store_round_trips(
     s3_bucket: str, s3_env: S3Server, fixtures_dir: Path, tmp_path: Path, rel: str
 ) -> None:
@@ -104,16 +99,12 @@ def test_s3_source_into_s3_store_round_trips(
     assert (again.status, again.written) == ("unchanged", 0)
 
 
-def test_sharded_folder_on_s3(
-    s3_bucket: str, s3_env: S3Server, fixtures_dir: Path, tmp_path: Path
-) -> None:
+def test_sharded_folder_on_s3(s3_bucket: str, s3_env: S3Server, fixtures_dir: Path, tmp_path: Path) -> None:
     client = s3_env.client()
     source = fixtures_dir / SHARDED
     for p in source.iterdir():
         client.upload_file(str(p), s3_bucket, f"hub/minicpm3/{p.name}")
-    result = extract(
-        f"s3://{s3_bucket}/hub/minicpm3/", ExtractOptions(store=str(tmp_path / "store"))
-    )
+    result = extract(f"s3://{s3_bucket}/hub/minicpm3/", ExtractOptions(store=str(tmp_path / "store")))
     assert result.slug == "minicpm3"
     manifest = parse_model_url(result.model_url).manifest()
     assert manifest["source"]["kind"] == "sharded"
@@ -123,9 +114,7 @@ def test_sharded_folder_on_s3(
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
 
 
-def test_cli_extract_into_s3_store(
-    home: Path, s3_bucket: str, s3_env: S3Server, tmp_path: Path
-) -> None:
+def test_cli_extract_into_s3_store(home: Path, s3_bucket: str, s3_env: S3Server, tmp_path: Path) -> None:
     local = write_model(tmp_path / "cli-model" / "model.safetensors", tensors=2)
     run = cli("extract", local, "--no-prefect", "--store", f"s3://{s3_bucket}/store")
     assert run.returncode == 0, run.stderr
@@ -237,22 +226,15 @@ def test_open_source_counts_header_then_one_tensor(big_model: tuple[Path, str]) 
     hdr = header_size(local)
     assert source.bytes_read == hdr
     entry = source.tensors["layer.6.weight"]
-    assert (
-        source.read(entry.container, entry.start, entry.end)
-        == local.read_bytes()[entry.start : entry.end]
-    )
+    assert source.read(entry.container, entry.start, entry.end) == local.read_bytes()[entry.start : entry.end]
     assert source.bytes_read == hdr + entry.nbytes
 
 
-def test_include_extracts_only_the_selected_tensor_bytes(
-    big_model: tuple[Path, str], tmp_path: Path
-) -> None:
+def test_include_extracts_only_the_selected_tensor_bytes(big_model: tuple[Path, str], tmp_path: Path) -> None:
     local, url = big_model
     result = extract(
         url,
-        ExtractOptions(
-            store=str(tmp_path / "store"), include=("layer.2.*",), revision="r1", images="none"
-        ),
+        ExtractOptions(store=str(tmp_path / "store"), include=("layer.2.*",), revision="r1", images="none"),
     )
     source = open_source(url)
     entry = source.tensors["layer.2.weight"]

@@ -190,5 +190,7 @@ def test_no_session_token_in_the_summary_artifact(
     state = summarize(model_url, return_state=True)
     assert state.is_completed(), state
     texts = prefect_texts([state.state_details.flow_run_id])
-    assert any("s3://" in t and ".png" in t for t in texts)  # previews listed by key: a presigned URL would carry the token
+    assert any(
+        "s3://" in t and ".png" in t for t in texts
+    )  # previews listed by key: a presigned URL would carry the token
     assert [t[:300] for t in texts if token in t] == []

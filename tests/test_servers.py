@@ -172,9 +172,7 @@ def test_http_missing_file_is_file_not_found(http_server: RangeHTTPServer) -> No
         ("lines=1-2", 416, b""),
     ],
 )
-def test_http_range_header_forms(
-    http_server: RangeHTTPServer, header: str, status: int, body: bytes
-) -> None:
+def test_http_range_header_forms(http_server: RangeHTTPServer, header: str, status: int, body: bytes) -> None:
     (http_server.root / "blob.bin").write_bytes(PAYLOAD)
     # http.client, not urllib: urllib would honour proxy variables set on a CI machine.
     host, port = http_server.server.server_address[:2]

@@ -42,7 +42,6 @@ def test_fields_are_current_after_each_update() -> None:
 
 
 def test_no_finite_values() -> None:
-    assert stats_of([]) == {"mean": None, "std": None, "min": None, "max": None, "abs_max": None,
-                            "nan": 0, "inf": 0}
+    assert stats_of([]) == {"mean": None, "std": None, "min": None, "max": None, "abs_max": None, "nan": 0, "inf": 0}
     assert stats_of([np.array([np.nan, np.inf], np.float32)])["mean"] is None
     assert stats_of([np.ones((3, 3), np.float32)])["std"] == 0.0

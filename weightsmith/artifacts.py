@@ -18,8 +18,9 @@ from weightsmith.stats import RunningStats
 from weightsmith.store import Store
 
 
-def write_images(store: Store, tiff_key: str, png_key: str, name: str, shape, dtype: str,
-                 bands: Iterable[np.ndarray], mode: str) -> tuple[dict, dict]:
+def write_images(
+    store: Store, tiff_key: str, png_key: str, name: str, shape, dtype: str, bands: Iterable[np.ndarray], mode: str
+) -> tuple[dict, dict]:
     """Consume the float32 bands: statistics always, TIFF/PNG as `mode` (all|preview|none) asks.
 
     Returns (statistics, artifacts): artifact keys, with the sha256 of the PNG and of a

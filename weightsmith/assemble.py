@@ -40,7 +40,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.extract import new_run_id
 from weightsmith.model import ModelRef, parse_model_url
 from weightsmith.predict import PREDICTION
-from weightsmith.restore import READ_BYTES, stored_blocks, float_values
+from weightsmith.restore import READ_BYTES, float_values, stored_blocks
 from weightsmith.sources.source import INDEX_NAME, SIDECARS
 from weightsmith.store import arrays
 from weightsmith.store.store import dumps
@@ -157,17 +157,11 @@ def _read_prediction(model: ModelRef, run_id: str, sample: int) -> dict:
     try:
         prediction = model.store.read_json(key)
     except FileNotFoundError:
-        raise WeightsmithError(
-            model.store.url_of(key), "no such prediction run (or it did not finish)"
-        ) from None
+        raise WeightsmithError(model.store.url_of(key), "no such prediction run (or it did not finish)") from None
     if prediction.get("model") != {"slug": model.slug, "revision": model.revision}:
-        raise WeightsmithError(
-            model.store.url_of(key), f"the run predicts another model: {prediction.get('model')}"
-        )
+        raise WeightsmithError(model.store.url_of(key), f"the run predicts another model: {prediction.get('model')}")
     if sample >= prediction["samples"]:
-        raise WeightsmithError(
-            f"sample {sample}", f"run {run_id} has {prediction['samples']} samples (0 to n-1)"
-        )
+        raise WeightsmithError(f"sample {sample}", f"run {run_id} has {prediction['samples']} samples (0 to n-1)")
     return prediction
 
 
@@ -185,9 +179,7 @@ def _choose(
             if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 sources[name], shapes[name] = "prediction", tuple(entry["shape"])
         if not sources:
-            raise WeightsmithError(
-                ", ".join(patterns), f"no tensor of prediction run {prediction['run_id']} matches"
-            )
+            raise WeightsmithError(", ".join(patterns), f"no tensor of prediction run {prediction['run_id']} matches")
     for name, values in replacements.items():
         if name in sources:
             raise WeightsmithError(name, "given in memory and taken from the prediction: pick one")
@@ -198,13 +190,9 @@ def _choose(
         if record is None:
             raise WeightsmithError(name, "the base model has no such tensor")
         if record["dtype"] not in _FLOATS and record["encoding"] != "gguf":
-            raise WeightsmithError(
-                name, f"only float tensors can be replaced, not {record['dtype']}"
-            )
+            raise WeightsmithError(name, f"only float tensors can be replaced, not {record['dtype']}")
         if shapes[name] != tuple(record["shape"]):
-            raise WeightsmithError(
-                name, f"replacement has shape {list(shapes[name])}, the base {record['shape']}"
-            )
+            raise WeightsmithError(name, f"replacement has shape {list(shapes[name])}, the base {record['shape']}")
     return sources
 
 
@@ -236,9 +224,7 @@ def _base_bytes(model: ModelRef, record: dict, dtype: str) -> Iterator[bytes]:
             h.update(data)
             yield data
         if h.hexdigest() != record["sha256"]:
-            raise WeightsmithError(
-                model.url, f"tensor {record['name']!r}: stored values do not match the manifest"
-            )
+            raise WeightsmithError(model.url, f"tensor {record['name']!r}: stored values do not match the manifest")
         return
     for block in float_values(model, record):  # GPTQ weights, GGUF blocks: float32 values
         yield _cast(block, dtype).tobytes()
@@ -376,9 +362,7 @@ def assemble(
     model = parse_model_url(model_url)
     manifest = model.manifest()
     if not manifest.get("selection", {}).get("complete", False):
-        raise WeightsmithError(
-            model.url, "only some tensors were extracted: extract all to assemble"
-        )
+        raise WeightsmithError(model.url, "only some tensors were extracted: extract all to assemble")
     replacements = dict(replacements or {})
     base = base_tensors(manifest)
     prediction = None
@@ -471,9 +455,7 @@ class _Output:
             self.write(CANDIDATE, candidate)
             os.replace(self.dir, self.location)  # the folder appears complete or not at all
         elif not self.store.create_if_absent(f"{self.prefix}/{CANDIDATE}", candidate):
-            raise WeightsmithError(
-                self.location, "another run wrote this candidate at the same time"
-            )
+            raise WeightsmithError(self.location, "another run wrote this candidate at the same time")
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -54,11 +54,7 @@ def _parse(raw: bytes, where: str) -> dict:
         catalog = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise WeightsmithError(where, f"not valid JSON ({type(e).__name__}); {fix}") from None
-    if (
-        not isinstance(catalog, dict)
-        or catalog.get("format") != FORMAT
-        or not isinstance(catalog.get("models"), dict)
-    ):
+    if not isinstance(catalog, dict) or catalog.get("format") != FORMAT or not isinstance(catalog.get("models"), dict):
         raise WeightsmithError(where, f"not a {FORMAT} catalogue; {fix}")
     for key, entry in catalog["models"].items():
         if (
@@ -66,9 +62,7 @@ def _parse(raw: bytes, where: str) -> dict:
             or entry.get("status") not in STATUSES
             or not isinstance(entry.get("attempts"), int)
         ):
-            raise WeightsmithError(
-                where, f"entry {key!r} needs a status ({', '.join(STATUSES)}) and attempts; {fix}"
-            )
+            raise WeightsmithError(where, f"entry {key!r} needs a status ({', '.join(STATUSES)}) and attempts; {fix}")
         after = entry.get("next_attempt_after")
         if after is not None and not _aware_time(after):
             raise WeightsmithError(where, f"entry {key!r}: next_attempt_after must be an ISO time with a zone; {fix}")
@@ -94,17 +88,11 @@ def update(store: Store | str, fn: Callable[[dict], object]) -> dict:
         data = dumps(changed)
         if data == raw:
             return changed
-        written = (
-            store.create_if_absent(KEY, data)
-            if raw is None
-            else store.replace_if_match(KEY, data, raw)
-        )
+        written = store.create_if_absent(KEY, data) if raw is None else store.replace_if_match(KEY, data, raw)
         if written:
             return changed
         time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))  # someone else wrote: back off
-    raise WeightsmithError(
-        store.url_of(KEY), f"still changing after {UPDATE_TRIES} tries; run again"
-    )
+    raise WeightsmithError(store.url_of(KEY), f"still changing after {UPDATE_TRIES} tries; run again")
 
 
 def entry_key(model_id: str, revision: str) -> str:
@@ -157,9 +145,7 @@ def record(
     stamp = now.isoformat(timespec="seconds")
     retry_at = None
     if status == "failed":
-        retry_at = (now + timedelta(seconds=backoff_seconds * 2 ** (attempts - 1))).isoformat(
-            timespec="seconds"
-        )
+        retry_at = (now + timedelta(seconds=backoff_seconds * 2 ** (attempts - 1))).isoformat(timespec="seconds")
     event = {"time": stamp, "status": status}
     if error:
         event["error"] = error

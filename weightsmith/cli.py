@@ -27,13 +27,19 @@ from rich.table import Table
 from weightsmith import state
 from weightsmith.errors import WeightsmithError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Stream model weights into a Zarr/TIFF artifact store, predict new ones, vet them.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Stream model weights into a Zarr/TIFF artifact store, predict new ones, vet them.",
+)
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
-StoreOpt = Annotated[str | None, typer.Option("--store", help="Store URL: a folder or s3://bucket/prefix "
-                                              "(default: the state folder's store).")]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", help="Store URL: a folder or s3://bucket/prefix (default: the state folder's store)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -69,8 +75,16 @@ def byte_progress(description: str, enabled: bool = True):
     if not enabled or not err.is_terminal:
         yield (lambda n, name: None), (lambda total: None)
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[name]}"), console=err, transient=True) as p:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[name]}"),
+        console=err,
+        transient=True,
+    ) as p:
         task = p.add_task(description, total=None, name="")
         yield (lambda n, name: p.update(task, advance=n, name=name[-40:])), (lambda t: p.update(task, total=t))
 
@@ -78,8 +92,9 @@ def byte_progress(description: str, enabled: bool = True):
 # ---------------------------------------------------------------------------------------------
 @app.command()
 @user_errors
-def inspect(source: Annotated[str, typer.Argument(help="File, folder or URL of the model.")],
-            as_json: JsonOpt = False) -> None:
+def inspect(
+    source: Annotated[str, typer.Argument(help="File, folder or URL of the model.")], as_json: JsonOpt = False
+) -> None:
     """List the tensors of a model source (headers only): name, dtype, shape, size."""
     from weightsmith.inspect import inspect_source
 
@@ -118,24 +133,42 @@ def extract(
     from weightsmith.extract import ExtractOptions, prepare
     from weightsmith.extract import extract as run_extract
 
-    options = _options(ExtractOptions, store=store or state.default_store(), name=name, revision=revision,
-                       include=tuple(include or ()), exclude=tuple(exclude or ()), images=images, force=force,
-                       wait_s=wait)
+    options = _options(
+        ExtractOptions,
+        store=store or state.default_store(),
+        name=name,
+        revision=revision,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        images=images,
+        force=force,
+        wait_s=wait,
+    )
     if no_prefect:
         with byte_progress("extract") as (advance, set_total):
             result = run_extract(source, options, progress=advance, total=set_total)
         if as_json:
             out.print_json(json.dumps(result.__dict__))
             return
-        err.print(f"{result.status}: {result.tensors} tensors ({result.written} written, "
-                  f"{result.skipped} already there), {result.bytes_read:,} source bytes read")
+        err.print(
+            f"{result.status}: {result.tensors} tensors ({result.written} written, "
+            f"{result.skipped} already there), {result.bytes_read:,} source bytes read"
+        )
         print(result.model_url)
         return
     prepare(source, options)  # bad input fails here, before a flow run exists
     flow = _flow("extract", task_runner, workers, dask_address)
-    model_url = flow(source=source, store=options.store, name=name, revision=revision,
-                     include=list(options.include), exclude=list(options.exclude), images=images, force=force,
-                     wait_s=wait)
+    model_url = flow(
+        source=source,
+        store=options.store,
+        name=name,
+        revision=revision,
+        include=list(options.include),
+        exclude=list(options.exclude),
+        images=images,
+        force=force,
+        wait_s=wait,
+    )
     if as_json:
         out.print_json(json.dumps({"model_url": model_url}))
     else:
@@ -189,30 +222,34 @@ def _quiet_prefect() -> None:
 
 @app.command()
 @user_errors
-def verify(model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/<revision>")],
-           as_json: JsonOpt = False) -> None:
+def verify(
+    model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/<revision>")], as_json: JsonOpt = False
+) -> None:
     """Re-read every artifact of a model and check it against the manifest."""
     from weightsmith.verify import verify as run_verify
 
     report = run_verify(model_url)
     if as_json:
-        out.print_json(json.dumps({"model_url": report.model_url, "checked": report.checked,
-                                   "ok": report.ok, "problems": report.problems}))
+        out.print_json(
+            json.dumps(
+                {"model_url": report.model_url, "checked": report.checked, "ok": report.ok, "problems": report.problems}
+            )
+        )
     else:
         for p in report.problems:
             err.print(f"[red]bad:[/red] {escape(p)}", highlight=False)
-        print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} artifacts checked, "
-              f"{len(report.problems)} problems")
+        print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} artifacts checked, {len(report.problems)} problems")
     if not report.ok:
         raise typer.Exit(1)
 
 
 @app.command()
 @user_errors
-def restore(model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/<revision>")],
-            out_path: Annotated[str, typer.Option("--out", help="File (or folder for shards) to write.")],
-            dequantize: Annotated[bool, typer.Option(help="Write float32 safetensors (GPTQ as .weight).")] = False,
-            ) -> None:
+def restore(
+    model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/<revision>")],
+    out_path: Annotated[str, typer.Option("--out", help="File (or folder for shards) to write.")],
+    dequantize: Annotated[bool, typer.Option(help="Write float32 safetensors (GPTQ as .weight).")] = False,
+) -> None:
     """Rebuild the source file(s) byte for byte from the store (or a float32 file)."""
     from weightsmith.restore import restore as run_restore
 
@@ -226,8 +263,10 @@ def predict(
     model_url: Annotated[str, typer.Argument(help="<store>/models/<slug>/<revision>")],
     layer: Annotated[list[str], typer.Option(help="Glob over tensor names (repeatable).")],
     generator: Annotated[str, typer.Option(help="tile-diffusion, zoo-diffusion, img2img or a baseline.")],
-    chunk_size: Annotated[str | None, typer.Option(help="Predict one run of this many float32 bytes "
-                                                    "(780KB, 3MB, 12MB) instead of the whole tensor.")] = None,
+    chunk_size: Annotated[
+        str | None,
+        typer.Option(help="Predict one run of this many float32 bytes (780KB, 3MB, 12MB) instead of the whole tensor."),
+    ] = None,
     chunk_offset: Annotated[int, typer.Option(help="Element offset of that run.")] = 0,
     samples: Annotated[int, typer.Option(help="Draws per tensor.")] = 1,
     seed: Annotated[int, typer.Option(help="Same seed, same device: same values.")] = 0,
@@ -246,9 +285,20 @@ def predict(
     cfg = _load_config(config)
     if model_dir:
         cfg["model_dir"] = model_dir
-    options = _options(PredictOptions, layer=tuple(layer), generator=generator, config=cfg,
-                       chunk_size=chunk_size, chunk_offset=chunk_offset, samples=samples, seed=seed,
-                       device=device, zoo=zoo, joint=joint, images=images)
+    options = _options(
+        PredictOptions,
+        layer=tuple(layer),
+        generator=generator,
+        config=cfg,
+        chunk_size=chunk_size,
+        chunk_offset=chunk_offset,
+        samples=samples,
+        seed=seed,
+        device=device,
+        zoo=zoo,
+        joint=joint,
+        images=images,
+    )
     _check_predict_input(model_url, options)
     resolve_device(options.device)
     if no_prefect:
@@ -257,9 +307,20 @@ def predict(
         print(result.run_url)
         return
     flow = _flow("predict", "threads", 1, None)
-    result = flow(model_url=model_url, layer=list(layer), generator=generator, config=cfg, chunk_size=chunk_size,
-                  chunk_offset=chunk_offset, samples=samples, seed=seed, device=device, zoo=zoo, images=images,
-                  joint=joint)
+    result = flow(
+        model_url=model_url,
+        layer=list(layer),
+        generator=generator,
+        config=cfg,
+        chunk_size=chunk_size,
+        chunk_offset=chunk_offset,
+        samples=samples,
+        seed=seed,
+        device=device,
+        zoo=zoo,
+        images=images,
+        joint=joint,
+    )
     err.print(f"ran on {result['pool']} ({result['reason']}); devices: {', '.join(result['devices'])}")
     print(result["run_url"])
 
@@ -307,15 +368,17 @@ def run(
     source: Annotated[str, typer.Argument(help="File, folder, s3:// or http(s):// URL of the model.")],
     store: StoreOpt = None,
     name: Annotated[str | None, typer.Option(help="Model slug in the store.")] = None,
-    stages: Annotated[str, typer.Option(help="Comma list of extract, predict, weight-stats, lm-eval.")]
-    = "extract,weight-stats",
+    stages: Annotated[
+        str, typer.Option(help="Comma list of extract, predict, weight-stats, lm-eval.")
+    ] = "extract,weight-stats",
     layer: Annotated[list[str] | None, typer.Option(help="A layer group: comma-separated globs (repeatable).")] = None,
     generator: Annotated[list[str] | None, typer.Option(help="Generator to vet (repeatable).")] = None,
     samples: Annotated[int, typer.Option(help="Candidates per generator and group.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of every generator and baseline.")] = 0,
     zoo: Annotated[str | None, typer.Option(help="zoos/<id>/ to fit zoo generators on.")] = None,
-    joint: Annotated[bool, typer.Option("--joint", help="Generators fit a group's same-shape tensors as one stack.")]
-    = False,
+    joint: Annotated[
+        bool, typer.Option("--joint", help="Generators fit a group's same-shape tensors as one stack.")
+    ] = False,
     text: Annotated[str | None, typer.Option(help="Held-out text file for lm-eval.")] = None,
     config: Annotated[str | None, typer.Option(help="Generator options: JSON or YAML {generator: {...}}.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -324,11 +387,21 @@ def run(
     """The pipeline: extract -> predict -> assemble -> vet -> report; prints the report URL(s)."""
     from weightsmith.pipeline import PipelineOptions, check, run_pipeline
 
-    options = _options(PipelineOptions, store=store or state.default_store(), name=name,
-                       stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
-                       layers=tuple(tuple(g.strip() for g in group.split(",") if g.strip()) for group in layer or ()),
-                       generators=tuple(generator or ("tile-diffusion",)), generator_config=_load_config(config),
-                       samples=samples, seed=seed, zoo=zoo, joint=joint, text=text, device=device)
+    options = _options(
+        PipelineOptions,
+        store=store or state.default_store(),
+        name=name,
+        stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+        layers=tuple(tuple(g.strip() for g in group.split(",") if g.strip()) for group in layer or ()),
+        generators=tuple(generator or ("tile-diffusion",)),
+        generator_config=_load_config(config),
+        samples=samples,
+        seed=seed,
+        zoo=zoo,
+        joint=joint,
+        text=text,
+        device=device,
+    )
     check(options)
     if text and not os.path.isfile(text):
         raise WeightsmithError(text, "no such text file")
@@ -340,10 +413,21 @@ def run(
 
         prepare(source, _options(ExtractOptions, store=options.store, name=name))  # before a flow starts
         flow = _flow("run", "threads", 4, None)
-        out_ = flow(source=source, store=options.store, name=name, stages=list(options.stages),
-                    layers=[list(g) for g in options.layers], generators=list(options.generators),
-                    generator_config=options.generator_config, samples=samples, seed=seed, zoo=zoo, joint=joint,
-                    text=text, device=device)
+        out_ = flow(
+            source=source,
+            store=options.store,
+            name=name,
+            stages=list(options.stages),
+            layers=[list(g) for g in options.layers],
+            generators=list(options.generators),
+            generator_config=options.generator_config,
+            samples=samples,
+            seed=seed,
+            zoo=zoo,
+            joint=joint,
+            text=text,
+            device=device,
+        )
         reports, verdicts = out_["reports"], out_["verdicts"]
     for v in verdicts:
         err.print(v, highlight=False)
@@ -353,10 +437,11 @@ def run(
 
 @app.command()
 @user_errors
-def demo(store: StoreOpt = None,
-         size: Annotated[str, typer.Option(help="full (about 10 minutes first, cached after) or tiny.")] = "full",
-         no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Call the library directly.")] = False,
-         ) -> None:
+def demo(
+    store: StoreOpt = None,
+    size: Annotated[str, typer.Option(help="full (about 10 minutes first, cached after) or tiny.")] = "full",
+    no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Call the library directly.")] = False,
+) -> None:
     """The main job: train a small GPT-2 offline, collect a zoo, run the pipeline, print the report."""
     from weightsmith.demo import run_demo
 
@@ -364,8 +449,8 @@ def demo(store: StoreOpt = None,
 
 
 def _register_subcommands() -> None:
-    from weightsmith.cli_dev import dev_app
     from weightsmith import cli_upkeep
+    from weightsmith.cli_dev import dev_app
     from weightsmith.cli_leaderboard import leaderboard
 
     app.add_typer(dev_app, name="dev", help="Local stack without Docker: SeaweedFS, Prefect server, workers.")

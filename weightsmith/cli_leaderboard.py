@@ -21,8 +21,7 @@ def leaderboard(
         str,
         typer.Option(
             "--source",
-            help="hf-hub, or the path, s3:// or http(s):// URL "
-            "of a JSON/YAML manifest of {id, source, revision}.",
+            help="hf-hub, or the path, s3:// or http(s):// URL of a JSON/YAML manifest of {id, source, revision}.",
         ),
     ],
     store: Annotated[
@@ -32,9 +31,7 @@ def leaderboard(
             help="Store URL: a folder or s3://bucket/prefix (default: the state folder's store).",
         ),
     ] = None,
-    filter: Annotated[
-        str | None, typer.Option("--filter", help="hf-hub: tag to filter on, e.g. gptq.")
-    ] = None,
+    filter: Annotated[str | None, typer.Option("--filter", help="hf-hub: tag to filter on, e.g. gptq.")] = None,
     sort: Annotated[
         str, typer.Option(help="hf-hub: downloads, trending, last_modified, likes, created_at.")
     ] = "downloads",
@@ -53,21 +50,15 @@ def leaderboard(
         ),
     ] = None,
     max_parallel: Annotated[int, typer.Option(help="Models processed at once.")] = 2,
-    max_attempts: Annotated[
-        int, typer.Option(help="Tries per model revision.")
-    ] = catalog.MAX_ATTEMPTS,
+    max_attempts: Annotated[int, typer.Option(help="Tries per model revision.")] = catalog.MAX_ATTEMPTS,
     backoff: Annotated[
         float, typer.Option(help="Seconds before the first retry; doubles per failure.")
     ] = catalog.BACKOFF_SECONDS,
     pipeline: Annotated[
         str, typer.Option(help="Pipeline flow per model: weightsmith-pipeline or extract-model.")
     ] = "weightsmith-pipeline",
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="List what would be done, do nothing.")
-    ] = False,
-    no_prefect: Annotated[
-        bool, typer.Option("--no-prefect", help="Library loop, extract stage only.")
-    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be done, do nothing.")] = False,
+    no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Library loop, extract stage only.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Process the models of a leaderboard that are new to the store's catalog.json."""
@@ -81,9 +72,7 @@ def leaderboard(
     )
 
     if source != "hf-hub" and (filter or endpoint):
-        raise WeightsmithError(
-            "--filter" if filter else "--endpoint", "applies to --source hf-hub only"
-        )
+        raise WeightsmithError("--filter" if filter else "--endpoint", "applies to --source hf-hub only")
     query = _options(SourceQuery, filter=filter, sort=sort, limit=limit, endpoint=endpoint)
     store = store or state.default_store()
     chosen = [s.strip() for item in stages or [] for s in item.split(",") if s.strip()] or None
@@ -96,9 +85,7 @@ def leaderboard(
                 "stages need the pipeline flow (drop --no-prefect)",
             )
         catalogue, _ = catalog.load(store)
-        decisions = plan_batch(
-            read_source(source, query), catalogue, catalog.now_utc(), max_attempts
-        )
+        decisions = plan_batch(read_source(source, query), catalogue, catalog.now_utc(), max_attempts)
         if dry_run:
             rows = [
                 {

@@ -103,9 +103,7 @@ def fit_normalizer(
         tensor) falls back to max|x - median|, then to 1.
     """
     if method not in ("mad", "percentile"):
-        raise WeightsmithError(
-            "normalizer", f"unknown method {method!r} (use 'mad' or 'percentile')"
-        )
+        raise WeightsmithError("normalizer", f"unknown method {method!r} (use 'mad' or 'percentile')")
     v = np.asarray(x, dtype=np.float32).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -233,9 +231,7 @@ def encode(tensor: np.ndarray, tile: int, method: Literal["mad", "percentile"] =
     x = np.asarray(tensor)
     dtype = str(x.dtype)
     x = x.astype(np.float32, copy=False)
-    layout = TileLayout(
-        shape=tuple(x.shape), dtype=dtype, tile=tile, params=fit_normalizer(x, method)
-    )
+    layout = TileLayout(shape=tuple(x.shape), dtype=dtype, tile=tile, params=fit_normalizer(x, method))
     rows, cols = layout.shape2d
     gr, gc = layout.grid
     view = x.reshape(rows, cols)
@@ -273,9 +269,7 @@ def decode(encoded: Encoded | TileLayout, tiles: np.ndarray | None = None) -> np
     t = layout.tile
     gr, gc = layout.grid
     if tuple(tiles.shape) != (gr * gc, t, t):
-        raise WeightsmithError(
-            "decode", f"expected tiles of shape {(gr * gc, t, t)}, got {tuple(tiles.shape)}"
-        )
+        raise WeightsmithError("decode", f"expected tiles of shape {(gr * gc, t, t)}, got {tuple(tiles.shape)}")
     rows, cols = layout.shape2d
     # (n, t, t) -> (gr, gc, t, t) -> (gr, t, gc, t) -> (gr*t, gc*t), then drop the padding
     padded = np.asarray(tiles).reshape(gr, gc, t, t).transpose(0, 2, 1, 3).reshape(gr * t, gc * t)
@@ -342,9 +336,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.fullmatch(text) if isinstance(text, str) else None
     if m is None or m.group(2).lower() not in _UNITS:
-        raise WeightsmithError(
-            f"size {text!r}", "not a size (use e.g. 780KB, 3MB, 1.5GB, 64KiB or a byte count)"
-        )
+        raise WeightsmithError(f"size {text!r}", "not a size (use e.g. 780KB, 3MB, 1.5GB, 64KiB or a byte count)")
     number, unit = m.groups()
     whole, _, frac = number.partition(".")
     # exact decimal arithmetic: 1.5MB is 1_500_000, never 1_499_999.9999

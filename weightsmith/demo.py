@@ -34,10 +34,23 @@ DEMO = {
         "every": 2,
         "samples": 2,
         "generator_config": {
-            "zoo-diffusion": {"ae_steps": 150, "ddpm_steps": 300, "components": 32, "hidden": 64,
-                              "denoiser_width": 64, "inference_steps": 10},
-            "tile-diffusion": {"tile": 16, "ae_channels": 16, "ae_train_steps": 30, "unet_train_steps": 60,
-                               "batch_size": 16, "block_out_channels": [16, 32], "sample_steps": 4},
+            "zoo-diffusion": {
+                "ae_steps": 150,
+                "ddpm_steps": 300,
+                "components": 32,
+                "hidden": 64,
+                "denoiser_width": 64,
+                "inference_steps": 10,
+            },
+            "tile-diffusion": {
+                "tile": 16,
+                "ae_channels": 16,
+                "ae_train_steps": 30,
+                "unet_train_steps": 60,
+                "batch_size": 16,
+                "block_out_channels": [16, 32],
+                "sample_steps": 4,
+            },
         },
     },
     "full": {
@@ -50,12 +63,13 @@ DEMO = {
         },
     },
 }
-LAYER_GROUPS = (("transformer.h.*.ln_*", "transformer.ln_f.*"),
-                ("transformer.h.1.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"))
+LAYER_GROUPS = (
+    ("transformer.h.*.ln_*", "transformer.ln_f.*"),
+    ("transformer.h.1.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"),
+)
 
 
-def build_gpt2(folder: Path, layers: int, width: int, heads: int, vocab: int, context: int,
-               seed: int = 0) -> Path:
+def build_gpt2(folder: Path, layers: int, width: int, heads: int, vocab: int, context: int, seed: int = 0) -> Path:
     """Save a randomly initialised GPT2LMHeadModel (safetensors + config.json) in `folder`."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -101,8 +115,10 @@ def run_demo(store: str, size: str = "full", console=None, use_prefect: bool = T
     say(f"1/3 language model: GPT-2 architecture, {spec.layers} layers x {spec.width}, bytes as tokens")
     with _bar(console, "train", spec.max_steps) as advance:
         facts = train_lm(folder, spec, progress=lambda step, total, nll: advance(step, f"held-out {nll:.3f} nats/byte"))
-    say(f"    {facts['steps']} steps, held-out NLL {facts['heldout_nll_per_byte']:.3f} nats/byte "
-        f"({'plateau' if facts.get('plateau') else 'step cap'}); cached in {folder}")
+    say(
+        f"    {facts['steps']} steps, held-out NLL {facts['heldout_nll_per_byte']:.3f} nats/byte "
+        f"({'plateau' if facts.get('plateau') else 'step cap'}); cached in {folder}"
+    )
 
     zoo_id = f"demo-{size}-k{plan['checkpoints']}"
     store_obj = Store(store)
@@ -114,23 +130,39 @@ def run_demo(store: str, size: str = "full", console=None, use_prefect: bool = T
     except (WeightsmithError, FileNotFoundError):
         say(f"2/3 zoo: {plan['checkpoints']} checkpoints of {len(patterns)} tensor patterns (others frozen)")
         with _bar(console, "zoo", plan["checkpoints"]) as advance:
-            stacks = collect_zoo(folder, patterns, plan["checkpoints"], every=plan["every"],
-                                 progress=lambda k, total: advance(k, ""))
+            stacks = collect_zoo(
+                folder, patterns, plan["checkpoints"], every=plan["every"], progress=lambda k, total: advance(k, "")
+            )
         write_zoo(store_obj, zoo_id, stacks, attrs={"model": str(folder), "every": plan["every"]})
 
     torch.set_num_threads(1)
     say("3/3 pipeline: extract -> zoo-diffusion, tile-diffusion and baselines -> assemble -> vet")
-    options = dict(store=store, name=f"demo-lm-{size}", stages=("extract", "predict", "weight-stats", "lm-eval"),
-                   layers=LAYER_GROUPS, generators=("zoo-diffusion", "tile-diffusion"),
-                   generator_config=plan["generator_config"], samples=plan["samples"], zoo=zoo_id, joint=True,
-                   text=str(folder / "heldout.txt"), images="preview")
+    options = dict(
+        store=store,
+        name=f"demo-lm-{size}",
+        stages=("extract", "predict", "weight-stats", "lm-eval"),
+        layers=LAYER_GROUPS,
+        generators=("zoo-diffusion", "tile-diffusion"),
+        generator_config=plan["generator_config"],
+        samples=plan["samples"],
+        zoo=zoo_id,
+        joint=True,
+        text=str(folder / "heldout.txt"),
+        images="preview",
+    )
     if use_prefect:
         state.configure_prefect()
         from flows.pipeline import weightsmith_pipeline
 
-        out = weightsmith_pipeline(source=str(folder), **{**options, "layers": [list(g) for g in LAYER_GROUPS],
-                                                           "stages": list(options["stages"]),
-                                                           "generators": list(options["generators"])})
+        out = weightsmith_pipeline(
+            source=str(folder),
+            **{
+                **options,
+                "layers": [list(g) for g in LAYER_GROUPS],
+                "stages": list(options["stages"]),
+                "generators": list(options["generators"]),
+            },
+        )
         model_url, reports, verdicts = out["model_url"], out["reports"], out["verdicts"]
     else:
         result = run_pipeline(str(folder), PipelineOptions(**options), say=lambda m: None)

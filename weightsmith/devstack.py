@@ -401,9 +401,7 @@ def _http_get(url: str, timeout: float = 3.0) -> bytes:
 def _api(api_url: str, path: str, body: dict | None = None, timeout: float = 5.0) -> Any:
     """JSON from the Prefect REST API (POST when `body` is given)."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{api_url}{path}", data=data, headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(f"{api_url}{path}", data=data, headers={"Content-Type": "application/json"})
     with _OPENER.open(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -557,9 +555,7 @@ def _server_port(preferred: int | None, rng: random.Random | None = None) -> int
 
 def _server_command(port: int) -> list[str]:
     # Loopback only: the server has no authentication.
-    return _prefect(
-        "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"
-    )
+    return _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off")
 
 
 def _start_s3(home: Path, config: dict[str, Any]) -> S3Server:
@@ -616,9 +612,7 @@ def _wait_for_server(stack: DevStack, server: Component, env: dict[str, str]) ->
             continue
         _stop([server])
         what = "exited" if outcome == "exited" else f"did not answer in {SERVER_TIMEOUT:.0f} s"
-        raise WeightsmithError(
-            "dev up", f"the Prefect server {what} ({stack.api_url}/health); see {server.log}"
-        )
+        raise WeightsmithError("dev up", f"the Prefect server {what} ({stack.api_url}/health); see {server.log}")
     raise AssertionError("unreachable")
 
 

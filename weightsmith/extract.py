@@ -112,7 +112,8 @@ def logical_names(source: Source) -> list[str]:
 def plan(source: Source, options: ExtractOptions) -> list[WorkUnit]:
     """Select tensors by the include/exclude globs and pack them into work units."""
     names = [
-        n for n in logical_names(source)
+        n
+        for n in logical_names(source)
         if (not options.include or any(fnmatch.fnmatchcase(n, p) for p in options.include))
         and not any(fnmatch.fnmatchcase(n, p) for p in options.exclude)
     ]
@@ -251,12 +252,16 @@ def extract_unit(
     for name in unit.names:
         group = _groups(source).get(name)
         if group is None:
-            done.append(_extract_raw(source, model, source.tensors[name], options, expected, "tensor", progress,
-                                     fingerprints))
+            done.append(
+                _extract_raw(source, model, source.tensors[name], options, expected, "tensor", progress, fingerprints)
+            )
             continue
-        parts = [_extract_raw(source, model, source.tensors[raw], options, expected, "gptq-component", progress,
-                              fingerprints)
-                 for raw in group.components]
+        parts = [
+            _extract_raw(
+                source, model, source.tensors[raw], options, expected, "gptq-component", progress, fingerprints
+            )
+            for raw in group.components
+        ]
         done += parts
         done.append(_extract_gptq(source, model, group, options, [r for r, _ in parts]))
     return UnitResult(records=[r for r, _ in done], written=sum(w for _, w in done))
@@ -335,18 +340,25 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
 
     with_images = role == "tensor"
     with contextlib.closing(bands()) as stream:  # on an error, stop the threads before going on
-        stats, artifacts = write_images(model.store, model.tiff_key(entry.name, options.generation),
-                                        model.png_key(entry.name, options.generation),
-                                        entry.name, entry.shape, entry.dtype, stream,
-                                        options.images if with_images else "none")
+        stats, artifacts = write_images(
+            model.store,
+            model.tiff_key(entry.name, options.generation),
+            model.png_key(entry.name, options.generation),
+            entry.name,
+            entry.shape,
+            entry.dtype,
+            stream,
+            options.images if with_images else "none",
+        )
     if h is not None:
         sha = h.hexdigest()
         changed = want_sha is not None and sha != want_sha
     else:
         sha, changed = want_sha, source.readers[entry.container].fingerprint() != before
     if changed:
-        raise WeightsmithError(source.readers[entry.container].url,
-                               f"tensor {entry.name!r} changed while it was being extracted")
+        raise WeightsmithError(
+            source.readers[entry.container].url, f"tensor {entry.name!r} changed while it was being extracted"
+        )
     record = {**base, "sha256": sha, "stats": stats, "artifacts": {"zarr": key, **artifacts}}
     array.finish(record)
     return record, True
@@ -359,8 +371,9 @@ def _storage_layout(entry: TensorEntry) -> tuple[tuple[int, ...], np.dtype]:
     return entry.shape, dtypes.storage_dtype(entry.dtype)
 
 
-def _row_blocks(source: Source, entry: TensorEntry, block_bytes: int,
-                chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
+def _row_blocks(
+    source: Source, entry: TensorEntry, block_bytes: int, chunk: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """(first row, end row, bytes) blocks along dim 0 of the stored array, chunk-aligned."""
     shape, _ = _storage_layout(entry)
     if len(shape) < 2 or shape[0] == 0 or entry.nbytes == 0:
@@ -391,8 +404,9 @@ def float_rows(entry: TensorEntry, stored: np.ndarray) -> np.ndarray:
     return values.reshape(-1, cols) if values.size else values.reshape(0, cols)
 
 
-def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: ExtractOptions,
-                  component_records: list[dict]) -> dict:
+def _extract_gptq(
+    source: Source, model: ModelRef, group: GptqGroup, options: ExtractOptions, component_records: list[dict]
+) -> dict:
     """Dequantise a GPTQ group into `<prefix>.weight` (float32, [out, in]) in output-row bands."""
     from weightsmith.sources.gptq import dequantize
 
@@ -404,16 +418,16 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
         "shape": list(group.shape),
         "encoding": "raw",
         "components": {r["name"]: r["sha256"] for r in component_records},
-        "quant": {"bits": group.bits, "group_size": group.group_size,
-                  "checkpoint_format": group.checkpoint_format},
+        "quant": {"bits": group.bits, "group_size": group.group_size, "checkpoint_format": group.checkpoint_format},
     }
     done = _existing(model, key, base, options)
     if done is not None:
         return done, False
     parts = {r["name"]: arrays.read_exact(model.store, r["artifacts"]["zarr"]) for r in component_records}
     g_idx = parts.get(group.g_idx) if group.g_idx else None
-    array = arrays.create(model.store, key, group.shape, np.dtype("<f4"),
-                          {"dtype": "F32", "shape": list(group.shape), "encoding": "raw"})
+    array = arrays.create(
+        model.store, key, group.shape, np.dtype("<f4"), {"dtype": "F32", "shape": list(group.shape), "encoding": "raw"}
+    )
     h = hashlib.sha256()
     step = max(array.chunks[0], (options.block_bytes // (4 * group.in_features)) // array.chunks[0] * array.chunks[0])
 
@@ -421,16 +435,27 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
         with overlap.Background() as zarr_writer:  # band k goes to Zarr while k+1 is dequantised
             for o0 in range(0, group.out_features, step):
                 o1 = min(group.out_features, o0 + step)
-                band = np.ascontiguousarray(dequantize(group, parts[group.qweight], parts[group.qzeros],
-                                                       parts[group.scales], g_idx, rows=slice(o0, o1)), "<f4")
+                band = np.ascontiguousarray(
+                    dequantize(
+                        group, parts[group.qweight], parts[group.qzeros], parts[group.scales], g_idx, rows=slice(o0, o1)
+                    ),
+                    "<f4",
+                )
                 zarr_writer.submit(array.append, band)
                 h.update(band)
                 yield band
 
     with contextlib.closing(bands()) as stream:
-        stats, artifacts = write_images(model.store, model.tiff_key(group.name, options.generation),
-                                        model.png_key(group.name, options.generation),
-                                        group.name, group.shape, "F32", stream, options.images)
+        stats, artifacts = write_images(
+            model.store,
+            model.tiff_key(group.name, options.generation),
+            model.png_key(group.name, options.generation),
+            group.name,
+            group.shape,
+            "F32",
+            stream,
+            options.images,
+        )
     record = {**base, "sha256": h.hexdigest(), "stats": stats, "artifacts": {"zarr": key, **artifacts}}
     array.finish(record)
     return record, True
@@ -438,8 +463,7 @@ def _extract_gptq(source: Source, model: ModelRef, group: GptqGroup, options: Ex
 
 # ---------------------------------------------------------------------------------------------
 # 5. publish
-def build_manifest(model: ModelRef, source: Source, options: ExtractOptions, files: dict,
-                   records: list[dict]) -> dict:
+def build_manifest(model: ModelRef, source: Source, options: ExtractOptions, files: dict, records: list[dict]) -> dict:
     """Content only (no times, hosts or run ids): a resumed run gives the same bytes."""
     by_name = {r["name"]: r for r in records}
     return {
@@ -455,17 +479,29 @@ def build_manifest(model: ModelRef, source: Source, options: ExtractOptions, fil
                     "format": c.format,
                     "size": c.size,
                     "segments": [
-                        [s.start, s.end, s.tensor] if s.tensor is not None
-                        else [s.start, s.end, None, files[f"{c.name}.{'header' if s.start == 0 else f'bytes-{s.start}'}"]["key"]]
+                        [s.start, s.end, s.tensor]
+                        if s.tensor is not None
+                        else [
+                            s.start,
+                            s.end,
+                            None,
+                            files[f"{c.name}.{'header' if s.start == 0 else f'bytes-{s.start}'}"]["key"],
+                        ]
                         for s in c.segments
                     ],
-                    "metadata": c.metadata if c.format == "safetensors" else {"key": files[f"{c.name}.metadata.json"]["key"]},
+                    "metadata": c.metadata
+                    if c.format == "safetensors"
+                    else {"key": files[f"{c.name}.metadata.json"]["key"]},
                 }
                 for c in source.containers
             ],
         },
-        "selection": {"include": list(options.include), "exclude": list(options.exclude),
-                      "complete": len(by_name) == _expected_count(source), "images": options.images},
+        "selection": {
+            "include": list(options.include),
+            "exclude": list(options.exclude),
+            "complete": len(by_name) == _expected_count(source),
+            "images": options.images,
+        },
         "files": files,
         "tensors": by_name,
     } | ({"generation": options.generation} if options.generation else {})
@@ -559,8 +595,9 @@ def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPl
     return source, ExtractPlan(source_url, tuple(units), checksum_units, total, fingerprints)
 
 
-def stored_records(source: Source, model: ModelRef, units: tuple[WorkUnit, ...],
-                   generation: str | None = None) -> list[dict]:
+def stored_records(
+    source: Source, model: ModelRef, units: tuple[WorkUnit, ...], generation: str | None = None
+) -> list[dict]:
     """The records of every planned tensor, read back from the store (the store is the truth)."""
     records = []
     for unit in units:
@@ -597,13 +634,24 @@ def os_error_reason(e: OSError, store: Store) -> str:
 
 def run_facts(run_id: str, kind: str, options: BaseModel, source_url: str) -> dict:
     """Run facts for runs/<run-id>.json (times and host: never in the manifest)."""
-    return {"run_id": run_id, "kind": kind, "started": time.time(), "host": socket.gethostname(),
-            "platform": platform.platform(), "tool_version": __version__,
-            "options": options.model_dump(mode="json"), "source": _public_url(source_url)}
+    return {
+        "run_id": run_id,
+        "kind": kind,
+        "started": time.time(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "tool_version": __version__,
+        "options": options.model_dump(mode="json"),
+        "source": _public_url(source_url),
+    }
 
 
-def extract(source_url: str, options: ExtractOptions, progress: Progress | None = None,
-            total: Callable[[int], None] | None = None) -> ExtractResult:
+def extract(
+    source_url: str,
+    options: ExtractOptions,
+    progress: Progress | None = None,
+    total: Callable[[int], None] | None = None,
+) -> ExtractResult:
     """The whole extraction in this process: validate, identify, write, publish.
 
     Input is checked before the first write: headers parsed, the store probed with a test write.
@@ -617,8 +665,11 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
     if the_plan.checksum_units:
         checksums = {}
         units = biggest_first(the_plan.checksum_units)
-        for u, sums in zip(units, overlap.map_in_order(lambda u: checksum_unit(source, u, options.block_bytes),
-                                                       units, UNIT_WORKERS), strict=True):
+        for u, sums in zip(
+            units,
+            overlap.map_in_order(lambda u: checksum_unit(source, u, options.block_bytes), units, UNIT_WORKERS),
+            strict=True,
+        ):
             checksums.update(sums)
             if progress:
                 progress(u.nbytes, "checksums")
@@ -629,6 +680,7 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
         with lease.acquire(model, run_id, options.wait_s) as held:
             options = with_generation(model, options, run_id)
             files = write_files(model, source)
+
             def one(unit: WorkUnit) -> UnitResult:
                 return extract_unit(source, model, unit, options, checksums, progress, fingerprints)
 
@@ -650,8 +702,19 @@ def extract(source_url: str, options: ExtractOptions, progress: Progress | None 
             reason = os_error_reason(e, model.store)
             raise WeightsmithError(model.store.url, f"cannot write ({reason}); finished tensors are kept") from None
         raise
-    write_run(model, run_id, {**facts, "finished": time.time(), "outcome": status,
-                              "tensors": len(records), "bytes_read": source.bytes_read})
-    return ExtractResult(model_url=model.url, slug=model.slug, revision=model.revision,
-                         tensors=len(records), written=written, skipped=len(records) - written,
-                         bytes_read=source.bytes_read, status=status, run_id=run_id)
+    write_run(
+        model,
+        run_id,
+        {**facts, "finished": time.time(), "outcome": status, "tensors": len(records), "bytes_read": source.bytes_read},
+    )
+    return ExtractResult(
+        model_url=model.url,
+        slug=model.slug,
+        revision=model.revision,
+        tensors=len(records),
+        written=written,
+        skipped=len(records) - written,
+        bytes_read=source.bytes_read,
+        status=status,
+        run_id=run_id,
+    )

@@ -20,6 +20,12 @@ def inspect_source(url: str) -> list[dict]:
             e = source.tensors[name]
             rows.append({"name": name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes})
         else:
-            rows.append({"name": name, "dtype": f"GPTQ-{group.bits}bit (F32)", "shape": list(group.shape),
-                         "bytes": sum(source.tensors[c].nbytes for c in group.components)})
+            rows.append(
+                {
+                    "name": name,
+                    "dtype": f"GPTQ-{group.bits}bit (F32)",
+                    "shape": list(group.shape),
+                    "bytes": sum(source.tensors[c].nbytes for c in group.components),
+                }
+            )
     return rows

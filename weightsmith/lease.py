@@ -49,8 +49,15 @@ class Lease:
 
     def _body(self) -> bytes:
         now = time.time()
-        return dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                      "renewed": now, "expires": now + self.ttl_s})
+        return dumps(
+            {
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "renewed": now,
+                "expires": now + self.ttl_s,
+            }
+        )
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
@@ -107,8 +114,11 @@ def acquire(model: ModelRef, run_id: str, wait_s: float = 0.0, ttl_s: float = TT
         if _gone(holder) and model.store.replace_if_match(lease.key, body, old):
             break
         if time.monotonic() >= deadline:
-            raise WeightsmithError(model.url, f"another run is writing this model ({describe(holder)}); "
-                                              "wait for it to finish, or pass --wait SECONDS")
+            raise WeightsmithError(
+                model.url,
+                f"another run is writing this model ({describe(holder)}); "
+                "wait for it to finish, or pass --wait SECONDS",
+            )
         time.sleep(POLL_S)
     lease._data = body
     _HELD.add(run_id)

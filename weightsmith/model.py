@@ -84,9 +84,15 @@ def _manifest_problem(m: dict, prefix: str) -> str | None:
             return f"file {name!r} needs a key inside the model and a sha256"
     for name, r in m["tensors"].items():
         shape = r.get("shape") if isinstance(r, dict) else None
-        if not (isinstance(r, dict) and r.get("name") == name and isinstance(r.get("dtype"), str)
-                and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(r.get("sha256"), str) and isinstance(r.get("artifacts"), dict)):
+        if not (
+            isinstance(r, dict)
+            and r.get("name") == name
+            and isinstance(r.get("dtype"), str)
+            and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(r.get("sha256"), str)
+            and isinstance(r.get("artifacts"), dict)
+        ):
             return f"tensor {name!r} needs name, dtype, shape, sha256 and artifacts"
         arts = r["artifacts"]
         if not inside(arts.get("zarr")) or any(k in arts and not inside(arts[k]) for k in ("tiff", "png")):
@@ -99,8 +105,9 @@ def _manifest_problem(m: dict, prefix: str) -> str | None:
             return "every container needs a name and segments"
         for seg in c["segments"]:
             ok = isinstance(seg, list) and len(seg) in (3, 4) and all(isinstance(x, int) for x in seg[:2])
-            if not ok or not ((len(seg) == 3 and isinstance(seg[2], str)) or (len(seg) == 4 and seg[2] is None
-                                                                             and inside(seg[3]))):
+            if not ok or not (
+                (len(seg) == 3 and isinstance(seg[2], str)) or (len(seg) == 4 and seg[2] is None and inside(seg[3]))
+            ):
                 return f"container {c['name']!r} has a malformed segment"
     if not isinstance(m.get("selection", {}), dict):
         return "selection must be an object"

@@ -87,8 +87,16 @@ def predictions_plan(options: PipelineOptions) -> list[tuple[str, str, dict, str
     return plan
 
 
-def predict_group(model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], label: str, generator: str,
-                  config: dict, options: PipelineOptions) -> str:
+def predict_group(
+    model: ModelRef,
+    run_id: str,
+    gi: int,
+    group: tuple[str, ...],
+    label: str,
+    generator: str,
+    config: dict,
+    options: PipelineOptions,
+) -> str:
     """One prediction run (reused when complete); returns its run id."""
     from weightsmith.predict import PREDICTION, PredictOptions, predict
 
@@ -99,9 +107,21 @@ def predict_group(model: ModelRef, run_id: str, gi: int, group: tuple[str, ...],
     zoo = options.zoo if (generator in ZOO_BASELINES or generator.startswith("zoo")) else None
     # Baselines stay per tensor: per-tensor scales and permutations are the stronger baselines.
     joint = options.joint and generator in options.generators
-    predict(model.url, PredictOptions(layer=group, generator=generator, config=config, samples=options.samples,
-                                      seed=options.seed, device=options.device, zoo=zoo, joint=joint,
-                                      images=options.images, run_id=pred_id))
+    predict(
+        model.url,
+        PredictOptions(
+            layer=group,
+            generator=generator,
+            config=config,
+            samples=options.samples,
+            seed=options.seed,
+            device=options.device,
+            zoo=zoo,
+            joint=joint,
+            images=options.images,
+            run_id=pred_id,
+        ),
+    )
     return pred_id
 
 
@@ -135,8 +155,9 @@ def run_pipeline(source: str, options: PipelineOptions, say: Callable[[str], Non
 
     check(options)
     run_id = run_id_for(source, options)
-    extracted = extract(source, ExtractOptions(store=options.store, name=options.name, revision=options.revision,
-                                               images=options.images))
+    extracted = extract(
+        source, ExtractOptions(store=options.store, name=options.name, revision=options.revision, images=options.images)
+    )
     model = parse_model_url(extracted.model_url)
     say(f"extracted: {model.url} ({extracted.tensors} tensors, {extracted.written} written)")
     result = PipelineResult(model.url, run_id)
@@ -154,16 +175,26 @@ def run_pipeline(source: str, options: PipelineOptions, say: Callable[[str], Non
         from weightsmith.vetting import vet_group
 
         text = options.text if "lm-eval" in options.stages else None
-        url, sentences, _rows = vet_group(model, f"{run_id}-g{gi}", key_of(model, original), runs,
-                                          options.samples, options.zoo, text, options.device, say)
+        url, sentences, _rows = vet_group(
+            model,
+            f"{run_id}-g{gi}",
+            key_of(model, original),
+            runs,
+            options.samples,
+            options.zoo,
+            text,
+            options.device,
+            say,
+        )
         result.report_url = url if result.report_url is None else result.report_url
         result.reports.append(url)
         result.summary += [f"group {gi}: {s}" for s in sentences]
     return result
 
 
-def run_group(model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], options: PipelineOptions,
-              say: Callable[[str], None]) -> list[tuple[str, str, str, dict, str]]:
+def run_group(
+    model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], options: PipelineOptions, say: Callable[[str], None]
+) -> list[tuple[str, str, str, dict, str]]:
     """Predictions of one group: generators, fixed baselines, then noise at their novelty."""
     runs = []
     for label, generator, config, kind in predictions_plan(options):
@@ -177,8 +208,9 @@ def run_group(model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], opt
     return runs
 
 
-def novelty_noise_runs(model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], generated: list[str],
-                       options: PipelineOptions) -> list[tuple[str, str, str, dict, str]]:
+def novelty_noise_runs(
+    model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], generated: list[str], options: PipelineOptions
+) -> list[tuple[str, str, str, dict, str]]:
     """Noise baselines at the median novelty of the generated samples (radii not yet run)."""
     from weightsmith.vet import baseline_label, noise_radii
     from weightsmith.vetting import group_examples, sample_novelties
@@ -195,8 +227,15 @@ def novelty_noise_runs(model: ModelRef, run_id: str, gi: int, group: tuple[str, 
             continue
         config = {"radius": float(r)}
         label = baseline_label("noise", config)
-        runs.append((label, "noise", "baseline", config,
-                     predict_group(model, run_id, gi, group, label, "noise", config, options)))
+        runs.append(
+            (
+                label,
+                "noise",
+                "baseline",
+                config,
+                predict_group(model, run_id, gi, group, label, "noise", config, options),
+            )
+        )
     return runs
 
 
@@ -205,17 +244,28 @@ def write_stats_report(model: ModelRef, run_id: str) -> str:
     from weightsmith.store.store import dumps
 
     manifest = model.manifest()
-    rows = [{"name": r["name"], "dtype": r["dtype"], "shape": r["shape"], **r["stats"]}
-            for r in manifest["tensors"].values() if r.get("role") != "gptq-component"]
+    rows = [
+        {"name": r["name"], "dtype": r["dtype"], "shape": r["shape"], **r["stats"]}
+        for r in manifest["tensors"].values()
+        if r.get("role") != "gptq-component"
+    ]
     prefix = model.key("reports", run_id)
-    lines = [f"# weight statistics of {model.slug}@{model.revision}", "",
-             "| tensor | dtype | shape | mean | std | abs max | NaN | Inf |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['dtype']} | {'x'.join(map(str, r['shape']))} | {_g(r['mean'])} | {_g(r['std'])} "
-              f"| {_g(r['abs_max'])} | {r['nan']} | {r['inf']} |" for r in rows]
+    lines = [
+        f"# weight statistics of {model.slug}@{model.revision}",
+        "",
+        "| tensor | dtype | shape | mean | std | abs max | NaN | Inf |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['dtype']} | {'x'.join(map(str, r['shape']))} | {_g(r['mean'])} | {_g(r['std'])} "
+        f"| {_g(r['abs_max'])} | {r['nan']} | {r['inf']} |"
+        for r in rows
+    ]
     model.store.write_bytes(f"{prefix}/report.md", ("\n".join(lines) + "\n").encode())
-    model.store.write_bytes(f"{prefix}/report.json", dumps({"run_id": run_id, "kind": "weight-stats",
-                                                          "model": f"{model.slug}@{model.revision}",
-                                                          "tensors": rows}))
+    model.store.write_bytes(
+        f"{prefix}/report.json",
+        dumps({"run_id": run_id, "kind": "weight-stats", "model": f"{model.slug}@{model.revision}", "tensors": rows}),
+    )
     return model.store.url_of(prefix)
 
 

@@ -67,7 +67,7 @@ class PredictionResult:
 
 
 def resolve_device(requested: str = "auto") -> str:
-    """"auto" -> $DEVICE if set, else "cuda" when torch sees a GPU, else "cpu"."""
+    """ "auto" -> $DEVICE if set, else "cuda" when torch sees a GPU, else "cpu"."""
     choice = requested if requested != "auto" else os.environ.get("DEVICE", "auto").lower()
     if choice not in ("auto", "cpu", "cuda"):
         raise WeightsmithError("DEVICE", f"unknown device {choice!r} (auto, cpu or cuda)")
@@ -83,8 +83,10 @@ def resolve_device(requested: str = "auto") -> str:
 def select(manifest: dict, patterns: tuple[str, ...]) -> list[dict]:
     """Records of the float tensors whose names match any pattern (GPTQ components excluded)."""
     records = [
-        r for r in manifest["tensors"].values()
-        if r.get("role") != "gptq-component" and (r["dtype"] in _FLOAT_DTYPES or r["encoding"] == "gguf")
+        r
+        for r in manifest["tensors"].values()
+        if r.get("role") != "gptq-component"
+        and (r["dtype"] in _FLOAT_DTYPES or r["encoding"] == "gguf")
         and any(fnmatch.fnmatchcase(r["name"], p) for p in patterns)
     ]
     if not records:
@@ -97,7 +99,9 @@ def read_values(model: ModelRef, record: dict) -> np.ndarray:
     from weightsmith.restore import float_values
 
     blocks = list(float_values(model, record))
-    flat = np.concatenate([np.asarray(b, dtype=np.float32).ravel() for b in blocks]) if blocks else np.zeros(0, np.float32)
+    flat = (
+        np.concatenate([np.asarray(b, dtype=np.float32).ravel() for b in blocks]) if blocks else np.zeros(0, np.float32)
+    )
     return flat.reshape(record["shape"])
 
 
@@ -124,39 +128,50 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
             chunk = chunk_region(examples.shape, parse_size(options.chunk_size), options.chunk_offset)
         result = gen.sample(state, options.samples, SampleSpec(examples.shape, chunk), options.seed)
         if any(d.startswith("cuda") and "cpu" in d for d in result.devices):
-            warnings.warn(f"{examples.name}: CUDA ran out of memory; some samples were computed on CPU",
-                          stacklevel=2)
+            warnings.warn(f"{examples.name}: CUDA ran out of memory; some samples were computed on CPU", stacklevel=2)
         base = examples.values[0] if chunk is not None else None
         drawn = [splice(base, a, chunk.offset) if chunk is not None else a for a in result.arrays]
         for j, record in enumerate(batch):
             name = record["name"]
             samples = [a[j] for a in drawn] if len(batch) > 1 else drawn
             entries[name] = _write_samples(model, prefix, record, samples, options.images)
-            entries[name].update({
-                "generator_state": state_key, "fingerprint": state.fingerprint, "reused_state": reused,
-                "devices": result.devices, "chunk": None if chunk is None else chunk.to_dict(),
-                "training": {"zoo": options.zoo, "checkpoints": examples.k},
-                "fitted_with": [r["name"] for r in batch],
-            })
+            entries[name].update(
+                {
+                    "generator_state": state_key,
+                    "fingerprint": state.fingerprint,
+                    "reused_state": reused,
+                    "devices": result.devices,
+                    "chunk": None if chunk is None else chunk.to_dict(),
+                    "training": {"zoo": options.zoo, "checkpoints": examples.k},
+                    "fitted_with": [r["name"] for r in batch],
+                }
+            )
             if progress:
                 progress(1, name)
         devices += result.devices
-    model.store.write_json(f"{prefix}/{PREDICTION}", {
-        "format": "weightsmith-prediction/1",
-        "tool": {"name": "weightsmith", "version": __version__},
-        "model": {"slug": model.slug, "revision": model.revision},
-        "run_id": run_id,
-        "generator": gen.name,
-        "config": gen.config(options.config).model_dump(mode="json"),
-        "options": options.model_dump(mode="json"),
-        "device": {"requested": options.device, "resolved": device, "env": os.environ.get("DEVICE", ""),
-                   "host": socket.gethostname()},
-        "seed": options.seed,
-        "samples": options.samples,
-        "started": started,
-        "finished": time.time(),
-        "tensors": entries,
-    })
+    model.store.write_json(
+        f"{prefix}/{PREDICTION}",
+        {
+            "format": "weightsmith-prediction/1",
+            "tool": {"name": "weightsmith", "version": __version__},
+            "model": {"slug": model.slug, "revision": model.revision},
+            "run_id": run_id,
+            "generator": gen.name,
+            "config": gen.config(options.config).model_dump(mode="json"),
+            "options": options.model_dump(mode="json"),
+            "device": {
+                "requested": options.device,
+                "resolved": device,
+                "env": os.environ.get("DEVICE", ""),
+                "host": socket.gethostname(),
+            },
+            "seed": options.seed,
+            "samples": options.samples,
+            "started": started,
+            "finished": time.time(),
+            "tensors": entries,
+        },
+    )
     return PredictionResult(model.store.url_of(prefix), run_id, list(entries), devices)
 
 
@@ -193,9 +208,16 @@ def _fit_or_reuse(model: ModelRef, gen, examples: Examples, config: dict):
         pass
     state = gen.fit(examples, config)
     model.store.write_bytes(key, state_to_bytes(state))
-    model.store.write_json(model.key("generators", gen.name, fp, "config.json"),
-                           {"generator": gen.name, "config": gen.config(config).model_dump(mode="json"),
-                            "tensor": examples.name, "checkpoints": examples.k, "info": state.info})
+    model.store.write_json(
+        model.key("generators", gen.name, fp, "config.json"),
+        {
+            "generator": gen.name,
+            "config": gen.config(config).model_dump(mode="json"),
+            "tensor": examples.name,
+            "checkpoints": examples.k,
+            "info": state.info,
+        },
+    )
     return state, key, False
 
 
@@ -204,9 +226,13 @@ def _write_samples(model: ModelRef, prefix: str, record: dict, samples: list[np.
     key = encode_key(record["name"])
     shape = tuple(record["shape"])
     zkey = f"{prefix}/tensors/{key}.zarr"
-    array = arrays.create(model.store, zkey, (len(samples), *shape), np.dtype("<f4"),
-                          {"dtype": "F32", "shape": [len(samples), *shape], "encoding": "raw",
-                           "base_dtype": record["dtype"]})
+    array = arrays.create(
+        model.store,
+        zkey,
+        (len(samples), *shape),
+        np.dtype("<f4"),
+        {"dtype": "F32", "shape": [len(samples), *shape], "encoding": "raw", "base_dtype": record["dtype"]},
+    )
     rows = array.chunks[0]  # samples per chunk
     for r0 in range(0, len(samples), rows):
         array.append(np.stack([np.asarray(v, np.float32).reshape(shape) for v in samples[r0 : r0 + rows]]))
@@ -214,10 +240,23 @@ def _write_samples(model: ModelRef, prefix: str, record: dict, samples: list[np.
     for i, values in enumerate(samples):
         values = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
         cols = (shape[-1] if len(shape) == 1 else int(np.prod(shape[1:]))) if shape else 1
-        stats, arts = write_images(model.store, f"{prefix}/images/{key}.{i}.tiff", f"{prefix}/previews/{key}.{i}.png",
-                                   record["name"], shape, "F32", [values.reshape(-1, cols)], mode)
+        stats, arts = write_images(
+            model.store,
+            f"{prefix}/images/{key}.{i}.tiff",
+            f"{prefix}/previews/{key}.{i}.png",
+            record["name"],
+            shape,
+            "F32",
+            [values.reshape(-1, cols)],
+            mode,
+        )
         per_sample.append({"sha256": hashlib.sha256(values.tobytes()).hexdigest(), "stats": stats, "artifacts": arts})
-    entry = {"name": record["name"], "shape": list(shape), "base_dtype": record["dtype"], "zarr": zkey,
-             "samples": per_sample}
+    entry = {
+        "name": record["name"],
+        "shape": list(shape),
+        "base_dtype": record["dtype"],
+        "zarr": zkey,
+        "samples": per_sample,
+    }
     array.finish({k: v for k, v in entry.items() if k != "samples"})
     return entry

@@ -37,8 +37,9 @@ def restore(model_url: str, out: str, dequantize: bool = False) -> list[str]:
         _atomic_write(path, _dequantized(model, manifest))
         return [path]
     if not manifest.get("selection", {}).get("complete", False):
-        raise WeightsmithError(model.url, "only some tensors were extracted (--include/--exclude): "
-                                          "restore --dequantize writes those")
+        raise WeightsmithError(
+            model.url, "only some tensors were extracted (--include/--exclude): restore --dequantize writes those"
+        )
     containers = manifest["source"]["containers"]
     written = []
     for c in containers:
@@ -138,14 +139,26 @@ def float_values(model: ModelRef, record: dict) -> Iterator[np.ndarray]:
         from weightsmith.sources.base import TensorEntry
         from weightsmith.sources.gguf import dequantize
 
-        entry = TensorEntry(record["name"], record["dtype"], tuple(record["shape"]), 0, 0, 0, "gguf",
-                            int(np.asarray(arrays.open_array(model.store, record["artifacts"]["zarr"]).shape)[-1]))
+        entry = TensorEntry(
+            record["name"],
+            record["dtype"],
+            tuple(record["shape"]),
+            0,
+            0,
+            0,
+            "gguf",
+            int(np.asarray(arrays.open_array(model.store, record["artifacts"]["zarr"]).shape)[-1]),
+        )
         for block in stored_blocks(model, record):
             yield dequantize(entry, block)
         return
     for block in stored_blocks(model, record):
         values = dtypes.from_storage(block, record["dtype"])
-        yield values.astype(np.float32) if values.dtype.kind == "f" or record["dtype"].startswith(("BF", "F8")) else values
+        yield (
+            values.astype(np.float32)
+            if values.dtype.kind == "f" or record["dtype"].startswith(("BF", "F8"))
+            else values
+        )
 
 
 def _out_dtype(record: dict) -> str:

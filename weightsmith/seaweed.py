@@ -121,10 +121,7 @@ def grpc_socket_paths(ports: Ports) -> list[Path]:
     """Unix sockets `weed` makes for local gRPC: fixed under /tmp, named by component and port."""
     names = {"master": ports.master, "volume": ports.volume, "filer": ports.filer}
     names |= {"s3": ports.s3, "admin": ports.admin}
-    return [
-        Path(f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock")
-        for name, port in names.items()
-    ]
+    return [Path(f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock") for name, port in names.items()]
 
 
 def remove_grpc_sockets(ports: Ports) -> None:
@@ -221,9 +218,7 @@ def _identity(name: str, keys: tuple[str, str], actions: list[str]) -> dict[str,
     }
 
 
-def weed_command(
-    weed: str, data_dir: Path, log_dir: Path, config: Path, ports: Ports, socket_dir: Path
-) -> list[str]:
+def weed_command(weed: str, data_dir: Path, log_dir: Path, config: Path, ports: Ports, socket_dir: Path) -> list[str]:
     """The `weed mini` command line with every listener pinned to loopback and our ports."""
     grpc = GRPC_OFFSET
     flags = {
@@ -289,9 +284,7 @@ def start_s3_server(
     attempts = 1 if ports is not None else 3
     for attempt in range(1, attempts + 1):
         try:
-            return _start_once(
-                state_dir, admin, readonly, ports or find_free_ports(), region, timeout
-            )
+            return _start_once(state_dir, admin, readonly, ports or find_free_ports(), region, timeout)
         except _DiedAtStartup as e:
             if attempt == attempts or "address already in use" not in str(e):
                 raise RuntimeError(str(e)) from None

@@ -42,8 +42,18 @@ class LMSpec:
 
 SPECS = {
     "full": LMSpec(),
-    "tiny": LMSpec(layers=2, width=64, heads=2, context=64, batch=16, decay_steps=300, max_steps=500,
-                   eval_every=50, train_bytes=400_000, heldout_bytes=40_000),
+    "tiny": LMSpec(
+        layers=2,
+        width=64,
+        heads=2,
+        context=64,
+        batch=16,
+        decay_steps=300,
+        max_steps=500,
+        eval_every=50,
+        train_bytes=400_000,
+        heldout_bytes=40_000,
+    ),
 }
 
 
@@ -104,12 +114,21 @@ def train_lm(folder: Path, spec: LMSpec, progress: Callable[[int, int, float], N
     rng = np.random.default_rng(spec.seed)
     train, held = corpus(spec.train_bytes, spec.heldout_bytes)
     train_ids, held_ids = np.frombuffer(train, np.uint8), np.frombuffer(held, np.uint8)
-    config = GPT2Config(vocab_size=256, n_positions=spec.context, n_embd=spec.width, n_layer=spec.layers,
-                        n_head=spec.heads, bos_token_id=10, eos_token_id=10, loss_type="ForCausalLM")
+    config = GPT2Config(
+        vocab_size=256,
+        n_positions=spec.context,
+        n_embd=spec.width,
+        n_layer=spec.layers,
+        n_head=spec.heads,
+        bos_token_id=10,
+        eos_token_id=10,
+        loss_type="ForCausalLM",
+    )
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.decay_steps))))
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.decay_steps)))
+    )
     best, stale, history, step = math.inf, 0, [], 0
     for step, x in enumerate(_batches(train_ids, spec.context, spec.batch, rng), start=1):
         loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
@@ -129,8 +148,13 @@ def train_lm(folder: Path, spec: LMSpec, progress: Callable[[int, int, float], N
                 break
     tmp = folder.with_name(folder.name + ".partial")
     model.save_pretrained(tmp, safe_serialization=True)
-    facts = {"spec": spec.__dict__, "steps": step, "history": history, "heldout_nll_per_byte": best,
-             "plateau": stale >= spec.patience}
+    facts = {
+        "spec": spec.__dict__,
+        "steps": step,
+        "history": history,
+        "heldout_nll_per_byte": best,
+        "plateau": stale >= spec.patience,
+    }
     import json
 
     (tmp / "training.json").write_text(json.dumps(facts, indent=1))
@@ -143,9 +167,16 @@ def train_lm(folder: Path, spec: LMSpec, progress: Callable[[int, int, float], N
     return facts
 
 
-def collect_zoo(folder: Path, patterns: tuple[str, ...], checkpoints: int, every: int = 4,
-                lr: float = 2e-2, lr_noise: float = 1.0, seed: int = 1,
-                progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+def collect_zoo(
+    folder: Path,
+    patterns: tuple[str, ...],
+    checkpoints: int,
+    every: int = 4,
+    lr: float = 2e-2,
+    lr_noise: float = 1.0,
+    seed: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
     """K checkpoints of the tensors matching `patterns`: continued training, the rest frozen.
 
     The learning rate of each step is lr * exp(lr_noise * N(0, 1)) (a noisy schedule), and a

@@ -207,7 +207,7 @@ def _stale(prefix: str, rel: dict[str, _Obj], refs: set[str]) -> dict[str, tuple
     """Deletable units of a complete model (key -> its objects, reason), ignoring their age."""
     units: dict[str, tuple[list[_Obj], str]] = {}
     generations = f"{prefix}/generations/"
-    used = {r[len(generations):].split("/", 1)[0] for r in refs if r.startswith(generations)}
+    used = {r[len(generations) :].split("/", 1)[0] for r in refs if r.startswith(generations)}
     for key, o in rel.items():
         parts = key.split("/")
         full = f"{prefix}/{key}"

@@ -92,8 +92,16 @@ def _check_tiff(model: ModelRef, record: dict, report: VerifyReport) -> None:
     try:
         array = arrays.open_array(model.store, record["artifacts"]["zarr"])
         gguf = record.get("encoding") == "gguf"
-        entry = TensorEntry(record["name"], record["dtype"], tuple(record["shape"]), 0, 0, 0,
-                            record.get("encoding", "raw"), array.shape[-1] if gguf else 0)
+        entry = TensorEntry(
+            record["name"],
+            record["dtype"],
+            tuple(record["shape"]),
+            0,
+            0,
+            0,
+            record.get("encoding", "raw"),
+            array.shape[-1] if gguf else 0,
+        )
         bands = (float_rows(entry, block) for block in _blocks(array))
         with model.store.fs.open(model.store.path(key), "rb") as f:
             same = images.tiff_matches(f, bands, images.view_2d(entry.shape), meta)

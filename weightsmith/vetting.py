@@ -60,9 +60,17 @@ def sample_novelties(model: ModelRef, pred_id: str, examples: dict[str, np.ndarr
     return [float(np.nanmean(v)) for v in per_sample]
 
 
-def vet_group(model: ModelRef, report_id: str, original_key: str, runs: list[tuple[str, str, str, dict, str]],
-              samples: int, zoo: str | None, text: str | None, device: str,
-              say: Callable[[str], None]) -> tuple[str, list[str], list[dict]]:
+def vet_group(
+    model: ModelRef,
+    report_id: str,
+    original_key: str,
+    runs: list[tuple[str, str, str, dict, str]],
+    samples: int,
+    zoo: str | None,
+    text: str | None,
+    device: str,
+    say: Callable[[str], None],
+) -> tuple[str, list[str], list[dict]]:
     """Score one group's runs; `runs` are (label, generator, kind, config, prediction id).
 
     Returns (report URL, verdict sentences, table rows).
@@ -77,15 +85,19 @@ def vet_group(model: ModelRef, report_id: str, original_key: str, runs: list[tup
     for label, generator, kind, config, pred_id in runs:
         for s in range(samples):
             folder = local_folder(model, model.key("candidates", f"{pred_id}-s{s}"))
-            entries.append(Entry(label=label, kind=kind, generator=generator, sample=s, folder=folder,
-                                 params=config))
+            entries.append(Entry(label=label, kind=kind, generator=generator, sample=s, folder=folder, params=config))
     text_value = open(text, encoding="utf-8", errors="replace").read() if text else ""
-    context = Context(original=orig, tensors=tuple(names), text=text_value, text_source=text or "",
-                      examples=examples)
+    context = Context(original=orig, tensors=tuple(names), text=text_value, text_source=text or "", examples=examples)
     evaluators = None if text else ["weight-stats"]
-    report = vet(context, entries, run_id=report_id, model=f"{model.slug}@{model.revision}",
-                 evaluators=evaluators, device="cpu" if device == "auto" else device,
-                 progress=lambda msg: say(f"  vet {msg}"))
+    report = vet(
+        context,
+        entries,
+        run_id=report_id,
+        model=f"{model.slug}@{model.revision}",
+        evaluators=evaluators,
+        device="cpu" if device == "auto" else device,
+        progress=lambda msg: say(f"  vet {msg}"),
+    )
     report.write(model.store, model.prefix)
     url = model.store.url_of(model.key("reports", report_id))
     return url, [v.sentence for v in report.verdicts], report.table()

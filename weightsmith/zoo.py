@@ -66,9 +66,7 @@ def write_zoo(
     manifest_key = f"{prefix}/{ZOO_MANIFEST}"
     if store.exists(manifest_key):
         if not overwrite:
-            raise WeightsmithError(
-                store.url_of(prefix), "zoo already exists (pass overwrite=True to replace it)"
-            )
+            raise WeightsmithError(store.url_of(prefix), "zoo already exists (pass overwrite=True to replace it)")
         store.delete(manifest_key)  # first: a half-replaced zoo is never complete
         store.delete(prefix)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
@@ -79,9 +77,7 @@ def write_zoo(
         if name in records:
             raise WeightsmithError(f"zoo {zoo_id!r}", f"tensor {name!r} given twice")
         if values.ndim < 1 or values.dtype.kind in "cOSUM":
-            raise WeightsmithError(
-                name, f"a zoo stack is (K, ...) of real values, got {values.dtype} {values.shape}"
-            )
+            raise WeightsmithError(name, f"a zoo stack is (K, ...) of real values, got {values.dtype} {values.shape}")
         if k is not None and values.shape[0] != k:
             raise WeightsmithError(name, f"has {values.shape[0]} checkpoints, the zoo has {k}")
         k = values.shape[0]
@@ -105,9 +101,7 @@ def read_zoo(store: Store, zoo_id: str) -> dict:
     try:
         manifest = store.read_json(f"{prefix}/{ZOO_MANIFEST}")
     except FileNotFoundError:
-        raise WeightsmithError(
-            store.url_of(prefix), "no zoo.json: the zoo is missing or incomplete"
-        ) from None
+        raise WeightsmithError(store.url_of(prefix), "no zoo.json: the zoo is missing or incomplete") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ZOO_FORMAT:
         raise WeightsmithError(store.url_of(prefix), f"zoo.json is not a {ZOO_FORMAT} manifest")
     return manifest

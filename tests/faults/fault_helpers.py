@@ -43,8 +43,9 @@ def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def count_whole_tensors(model: ModelRef, names: Iterable[str], reference: dict | None = None,
-                        images: bool = False) -> int:
+def count_whole_tensors(
+    model: ModelRef, names: Iterable[str], reference: dict | None = None, images: bool = False
+) -> int:
     """How many of `names` are finished (have a record). Each finished tensor must hold the values
     its record names, equal the `reference` record (name -> record) when given, and with `images`
     have its TIFF and PNG in the store."""

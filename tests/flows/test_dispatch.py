@@ -38,9 +38,7 @@ def dispatch(env: dict[str, str], model_url: str, **extra) -> dict:
         "import json, sys; from flows.predict import dispatch_predict; "
         f"print('RESULT' + json.dumps(dispatch_predict(**json.loads({json.dumps(json.dumps(args))}))))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
-    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
     return json.loads(line[len("RESULT") :])
@@ -79,15 +77,11 @@ def start_gpu_worker(stack, env: dict[str, str], home: Path) -> subprocess.Popen
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-            req, timeout=10
-        ) as r:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as r:
             if any(w.get("status") == "ONLINE" for w in json.loads(r.read())):
                 return worker
         time.sleep(1)
-    pytest.fail(
-        "the gpu worker did not come online:\n" + (home / "gpu-worker.log").read_text()[-3000:]
-    )
+    pytest.fail("the gpu worker did not come online:\n" + (home / "gpu-worker.log").read_text()[-3000:])
 
 
 def test_dispatch_cpu_then_gpu_then_timeout_to_cpu(tmp_path, fixtures_dir, use_stack_s3):
@@ -108,9 +102,7 @@ def test_dispatch_cpu_then_gpu_then_timeout_to_cpu(tmp_path, fixtures_dir, use_s
             timeout=300,
         )
         use_stack_s3(stack)
-        stack.client().upload_file(
-            str(fixtures_dir / FIXTURE), stack.bucket, "src/lora/model.safetensors"
-        )
+        stack.client().upload_file(str(fixtures_dir / FIXTURE), stack.bucket, "src/lora/model.safetensors")
         model_url = extract(
             f"s3://{stack.bucket}/src/lora/model.safetensors",
             ExtractOptions(store=stack.store, images="none"),

@@ -37,14 +37,10 @@ def _contents(model_url: str) -> list[str]:
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize(
-    "fixture", ["safetensors/sharded_minicpm3", "gptq/falcon3_1b_int4.safetensors"]
-)
+@pytest.mark.parametrize("fixture", ["safetensors/sharded_minicpm3", "gptq/falcon3_1b_int4.safetensors"])
 def test_flow_writes_what_the_library_writes(s3_server, s3_bucket, fixtures_dir, fixture):
     source = _upload(s3_server, s3_bucket, fixtures_dir / fixture, "src")
-    state = extract_model(
-        source=source, store=f"s3://{s3_bucket}/flow", unit_bytes=100_000, return_state=True
-    )
+    state = extract_model(source=source, store=f"s3://{s3_bucket}/flow", unit_bytes=100_000, return_state=True)
     assert state.is_completed(), state
     flow_url = state.result()
     lib = extract(source, ExtractOptions(store=f"s3://{s3_bucket}/lib"))
@@ -59,9 +55,7 @@ def test_flow_writes_what_the_library_writes(s3_server, s3_bucket, fixtures_dir,
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
         )
     kinds = {a.type for a in artifacts}
     assert {"table", "markdown", "progress"} <= kinds
@@ -86,9 +80,7 @@ def test_failed_unit_then_resume_recomputes_only_missing(tmp_path, fixtures_dir)
     state = extract_model(source=source, store=str(store), unit_bytes=20_000, return_state=True)
     assert state.is_failed()
     assert not model.is_complete()
-    runs = [
-        json.loads(p.read_text()) for p in Path(model.store.path(model.key("runs"))).glob("*.json")
-    ]
+    runs = [json.loads(p.read_text()) for p in Path(model.store.path(model.key("runs"))).glob("*.json")]
     assert [r["outcome"] for r in runs] == ["failed"]
     assert runs[0]["written"] == reference.tensors - 1
 
@@ -96,9 +88,7 @@ def test_failed_unit_then_resume_recomputes_only_missing(tmp_path, fixtures_dir)
     state = extract_model(source=source, store=str(store), unit_bytes=20_000, return_state=True)
     assert state.is_completed()
     assert _manifest_bytes(model.url) == _manifest_bytes(reference.model_url)
-    runs = [
-        json.loads(p.read_text()) for p in Path(model.store.path(model.key("runs"))).glob("*.json")
-    ]
+    runs = [json.loads(p.read_text()) for p in Path(model.store.path(model.key("runs"))).glob("*.json")]
     assert sorted(r.get("written") for r in runs) == [1, reference.tensors - 1]
 
 
@@ -175,9 +165,7 @@ def test_boto3_is_importable_for_artifacts():  # presigned URLs need boto3 on th
 
 
 @pytest.mark.s3
-def test_credentials_from_a_saved_block_and_no_secret_anywhere(
-    s3_server, s3_bucket, fixtures_dir, monkeypatch
-):
+def test_credentials_from_a_saved_block_and_no_secret_anywhere(s3_server, s3_bucket, fixtures_dir, monkeypatch):
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterId,
@@ -187,9 +175,7 @@ def test_credentials_from_a_saved_block_and_no_secret_anywhere(
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
 
-    source = _upload(
-        s3_server, s3_bucket, fixtures_dir / "gptq/llama_3_2_1b_int4.safetensors", "src"
-    )
+    source = _upload(s3_server, s3_bucket, fixtures_dir / "gptq/llama_3_2_1b_int4.safetensors", "src")
     env = s3_server.env()
     creds = AwsCredentials(
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
@@ -198,9 +184,7 @@ def test_credentials_from_a_saved_block_and_no_secret_anywhere(
         aws_client_parameters=AwsClientParameters(endpoint_url=env["AWS_ENDPOINT_URL_S3"]),
     )
     creds.save("lake-keys", overwrite=True)
-    S3Bucket(bucket_name=s3_bucket, bucket_folder="lake", credentials=creds).save(
-        "lake", overwrite=True
-    )
+    S3Bucket(bucket_name=s3_bucket, bucket_folder="lake", credentials=creds).save("lake", overwrite=True)
     for name in list(env) + ["AWS_ENDPOINT_URL"]:
         monkeypatch.delenv(name, raising=False)
     import s3fs
@@ -224,23 +208,13 @@ def test_credentials_from_a_saved_block_and_no_secret_anywhere(
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
-        run = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
-        )[0]
-        tasks = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
-        )
-    texts = (
-        [m.message for m in logs]
-        + [json.dumps(a.data) for a in artifacts]
-        + [json.dumps(run.parameters)]
-    )
+        run = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))[0]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    texts = [m.message for m in logs] + [json.dumps(a.data) for a in artifacts] + [json.dumps(run.parameters)]
     texts += [json.dumps(t.task_inputs, default=str) for t in tasks]
     stored = s3_server.client()
     for obj in stored.list_objects_v2(Bucket=s3_bucket, Prefix="lake/").get("Contents", []):
         if obj["Key"].endswith(".json"):
-            texts.append(
-                stored.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read().decode()
-            )
+            texts.append(stored.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read().decode())
     assert logs and artifacts
     assert not [t for t in texts if secret in t]

@@ -12,17 +12,32 @@ from weightsmith.model import parse_model_url
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
-TILE = {"tile": 16, "ae_channels": 16, "ae_train_steps": 5, "unet_train_steps": 5, "batch_size": 8,
-        "block_out_channels": [16, 32], "sample_steps": 2}
+TILE = {
+    "tile": 16,
+    "ae_channels": 16,
+    "ae_train_steps": 5,
+    "unet_train_steps": 5,
+    "batch_size": 8,
+    "block_out_channels": [16, 32],
+    "sample_steps": 2,
+}
 
 
 def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     model_dir = build_gpt2(tmp_path / "gpt", *SIZES["tiny"])
     text = tmp_path / "held.txt"
     text.write_text(json.__doc__ * 4)
-    args = dict(source=str(model_dir), store=str(tmp_path / "store"), stages=["extract", "predict", "weight-stats",
-                "lm-eval"], layers=[["transformer.h.0.ln_1.*"]], generators=["tile-diffusion"],
-                generator_config={"tile-diffusion": TILE}, samples=1, text=str(text), images="none")
+    args = dict(
+        source=str(model_dir),
+        store=str(tmp_path / "store"),
+        stages=["extract", "predict", "weight-stats", "lm-eval"],
+        layers=[["transformer.h.0.ln_1.*"]],
+        generators=["tile-diffusion"],
+        generator_config={"tile-diffusion": TILE},
+        samples=1,
+        text=str(text),
+        images="none",
+    )
     first = weightsmith_pipeline(**args)
     model = parse_model_url(first["model_url"])
     report_key = first["report_url"][len(model.store.url) + 1 :]

@@ -45,9 +45,7 @@ def zoo(name: str, tensor: np.ndarray, k: int = K, seed: int = 0) -> Examples:
     """The tensor and k - 1 copies perturbed by 5% of its std."""
     rng = np.random.default_rng(seed)
     std = float(tensor.std()) or 1.0
-    copies = [tensor] + [
-        tensor + 0.05 * std * rng.standard_normal(tensor.shape) for _ in range(k - 1)
-    ]
+    copies = [tensor] + [tensor + 0.05 * std * rng.standard_normal(tensor.shape) for _ in range(k - 1)]
     return Examples.stack(name, copies)
 
 
@@ -127,9 +125,7 @@ def test_fingerprint_follows_inputs(generator: str, tensors: dict[str, np.ndarra
 
 
 @pytest.mark.parametrize("generator", ZOO_BASELINES)
-def test_zoo_baselines_refuse_one_checkpoint(
-    generator: str, tensors: dict[str, np.ndarray]
-) -> None:
+def test_zoo_baselines_refuse_one_checkpoint(generator: str, tensors: dict[str, np.ndarray]) -> None:
     with pytest.raises(WeightsmithError, match=f"{generator} needs at least 2 checkpoints, got 1"):
         get(generator)().fit(Examples.stack(MATRIX, [tensors[MATRIX]]))
 
@@ -161,9 +157,7 @@ def test_noise_radius_is_in_std_units(tensors: dict[str, np.ndarray]) -> None:
     (a,) = gen.sample(gen.fit(examples, {"radius": 0.3}), 1, SampleSpec(x.shape), seed=0).arrays
     assert float((a - x).std() / x.std()) == pytest.approx(0.3, rel=0.08)
     chunk = chunk_region(x.shape, 4 * 100, 250)
-    (part,) = gen.sample(
-        gen.fit(examples, {"radius": 0.0}), 1, SampleSpec(x.shape, chunk), 0
-    ).arrays
+    (part,) = gen.sample(gen.fit(examples, {"radius": 0.0}), 1, SampleSpec(x.shape, chunk), 0).arrays
     np.testing.assert_array_equal(part, x.reshape(-1)[250:350])
 
 
@@ -184,9 +178,7 @@ def test_pca_gaussian_stays_in_the_zoo_span(tensors: dict[str, np.ndarray]) -> N
     state = gen.fit(examples, {"components": 100})
     assert state.arrays["components"].shape == (K - 1, examples.numel)  # q capped at K - 1
     assert state.info["components"] == K - 1
-    np.testing.assert_allclose(
-        state.arrays["components"] @ state.arrays["components"].T, np.eye(K - 1), atol=1e-4
-    )
+    np.testing.assert_allclose(state.arrays["components"] @ state.arrays["components"].T, np.eye(K - 1), atol=1e-4)
     flat = examples.flat().astype(np.float64)
     centered = flat - flat.mean(0)
     (a,) = gen.sample(state, 1, SampleSpec(examples.shape), seed=0).arrays

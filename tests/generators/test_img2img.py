@@ -150,9 +150,7 @@ def test_fit_uses_the_first_checkpoint(gen: Img2Img, model_dir: str, tensor: np.
     np.testing.assert_array_equal(state.arrays["source"], tensor)
 
 
-def test_missing_pipeline_is_a_clear_error(
-    gen: Img2Img, tensor: np.ndarray, tmp_path: Path, state: State
-) -> None:
+def test_missing_pipeline_is_a_clear_error(gen: Img2Img, tensor: np.ndarray, tmp_path: Path, state: State) -> None:
     examples = Examples.stack(NAME, [tensor])
     for folder in (tmp_path / "nowhere", tmp_path):  # missing, and a folder without a pipeline
         with pytest.raises(WeightsmithError, match="model_index.json missing") as err:
@@ -174,9 +172,7 @@ def test_missing_pipeline_is_a_clear_error(
         ({"dtype": "bfloat16"}, "float32"),
     ],
 )
-def test_bad_config(
-    gen: Img2Img, model_dir: str, tensor: np.ndarray, options: dict, match: str
-) -> None:
+def test_bad_config(gen: Img2Img, model_dir: str, tensor: np.ndarray, options: dict, match: str) -> None:
     with pytest.raises(WeightsmithError, match=match):
         gen.fit(Examples.stack(NAME, [tensor]), {"model_dir": model_dir, **options})
 

@@ -73,11 +73,7 @@ class HubModel:
     def info(self, blobs: bool) -> dict:
         siblings = [
             {"rfilename": name}
-            | (
-                {"size": path.stat().st_size, "blobId": hashlib.sha1(path.read_bytes()).hexdigest()}
-                if blobs
-                else {}
-            )
+            | ({"size": path.stat().st_size, "blobId": hashlib.sha1(path.read_bytes()).hexdigest()} if blobs else {})
             for name, path in sorted(self.files.items())
         ]
         card = {"license": self.license} if self.license else {}
@@ -106,11 +102,7 @@ class FakeHub:
         """(method, file, Range header) of the resolve requests of one model."""
         prefix = f"/{model_id}/resolve/"
         with self.lock:
-            return [
-                (m, p[len(prefix) :].split("/", 1)[1], r)
-                for m, p, r in self.requests
-                if p.startswith(prefix)
-            ]
+            return [(m, p[len(prefix) :].split("/", 1)[1], r) for m, p, r in self.requests if p.startswith(prefix)]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -155,11 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _list(self, query: dict) -> tuple[int, dict, bytes]:
         wanted = query.get("filter", [])
         models = [m for m in self.hub.models.values() if all(f in m.tags for f in wanted)]
-        models = [
-            m
-            for m in models
-            if not m.private or self.headers.get("Authorization") == f"Bearer {self.hub.token}"
-        ]
+        models = [m for m in models if not m.private or self.headers.get("Authorization") == f"Bearer {self.hub.token}"]
         key = SORT_KEYS.get(query.get("sort", ["downloads"])[0], "downloads")
         descending = query.get("direction", ["-1"])[0] == "-1"
         models.sort(key=lambda m: getattr(m, key), reverse=descending)

@@ -17,9 +17,7 @@ NOW = datetime(2025, 6, 1, 3, 0, tzinfo=UTC)
 
 
 def entry(n: int, revision: str = "v1") -> ModelEntry:
-    return ModelEntry(
-        id=f"acme/m{n}", revision=revision, source=f"/models/m{n}.safetensors", origin="test"
-    )
+    return ModelEntry(id=f"acme/m{n}", revision=revision, source=f"/models/m{n}.safetensors", origin="test")
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -35,9 +33,7 @@ def test_two_concurrent_updaters_both_land(store_url: str) -> None:
     def writer(w: int) -> None:
         for i in range(per_writer):
             e = entry(100 * w + i)
-            catalog.update(
-                store_url, lambda c, e=e: catalog.record(c, e, "done", NOW, model_url=f"m/{e.id}")
-            )
+            catalog.update(store_url, lambda c, e=e: catalog.record(c, e, "done", NOW, model_url=f"m/{e.id}"))
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in (1, 2)]
     for t in threads:
@@ -89,9 +85,7 @@ def test_a_failed_model_backs_off_until_the_cap(tmp_path) -> None:
 def test_the_history_is_bounded() -> None:
     c = catalog.empty()
     for i in range(catalog.HISTORY + 5):
-        catalog.record(
-            c, entry(1), "failed", NOW + timedelta(minutes=i), error=f"e{i}", backoff_seconds=0
-        )
+        catalog.record(c, entry(1), "failed", NOW + timedelta(minutes=i), error=f"e{i}", backoff_seconds=0)
     history = c["models"][entry(1).key]["history"]
     assert len(history) == catalog.HISTORY and history[-1]["error"] == f"e{catalog.HISTORY + 4}"
 

@@ -75,9 +75,7 @@ def hub(fixtures_dir: Path) -> Iterator[FakeHub]:
     stop_hub(server)
 
 
-def test_the_hub_is_listed_and_each_model_resolved(
-    hub: FakeHub, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_hub_is_listed_and_each_model_resolved(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)  # the endpoint from the environment
     entries = read_source("hf-hub", SourceQuery(filter="gptq", sort="downloads", limit=10))
@@ -97,13 +95,9 @@ def test_the_hub_is_listed_and_each_model_resolved(
     assert gguf.problem == "no safetensors weights at the top of the repository"
 
     # Other sorts and a limit: the query reaches the hub as the client spells it.
-    by_trend = read_source(
-        "hf-hub", SourceQuery(filter="gptq", sort="trending", limit=2, endpoint=hub.url)
-    )
+    by_trend = read_source("hf-hub", SourceQuery(filter="gptq", sort="trending", limit=2, endpoint=hub.url))
     assert [e.id for e in by_trend] == ["acme/tiny-gptq", "acme/sharded-gptq"]
-    newest = read_source(
-        "hf-hub", SourceQuery(filter="gptq", sort="last_modified", limit=1, endpoint=hub.url)
-    )
+    newest = read_source("hf-hub", SourceQuery(filter="gptq", sort="last_modified", limit=1, endpoint=hub.url))
     assert [e.id for e in newest] == ["acme/sharded-gptq"]
     listing = [p for m, p, _ in hub.requests if p == "/api/models"]
     assert len(listing) == 3
@@ -157,11 +151,7 @@ def test_the_flow_lists_resolves_and_processes_hub_models(
 
     # The weights were read in ranges, never downloaded whole.
     size = hub.models["acme/tiny-gptq"].files["model.safetensors"].stat().st_size
-    gets = [
-        r
-        for m, f, r in hub.file_requests("acme/tiny-gptq")
-        if m == "GET" and f == "model.safetensors"
-    ]
+    gets = [r for m, f, r in hub.file_requests("acme/tiny-gptq") if m == "GET" and f == "model.safetensors"]
     assert gets and all(r and r.startswith("bytes=") for r in gets)
     assert all(r != f"bytes=0-{size - 1}" for r in gets)
     assert not any(f.endswith("README.md") for _, f, _ in hub.file_requests("acme/tiny-gptq"))

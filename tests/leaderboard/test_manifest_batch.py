@@ -58,9 +58,7 @@ def ids(outcomes: list[dict]) -> list[str]:
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_each_model_is_processed_once_and_a_broken_one_until_the_cap(
-    tmp_path: Path, fixtures_dir: Path
-) -> None:
+def test_each_model_is_processed_once_and_a_broken_one_until_the_cap(tmp_path: Path, fixtures_dir: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -80,9 +78,7 @@ def test_each_model_is_processed_once_and_a_broken_one_until_the_cap(
         )
 
     # A dry run plans and changes nothing.
-    plan = leaderboard_batch(
-        source=manifest, store=store, pipeline=PIPELINE, stages=STAGES, dry_run=True
-    )
+    plan = leaderboard_batch(source=manifest, store=store, pipeline=PIPELINE, stages=STAGES, dry_run=True)
     assert [(p["id"], p["action"], p["reason"]) for p in plan["plan"]] == [
         ("acme/a", "process", "new"),
         ("acme/b", "process", "new"),
@@ -124,9 +120,7 @@ def test_each_model_is_processed_once_and_a_broken_one_until_the_cap(
     # The summary artifacts of that batch list processed, failed and skipped models.
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
         )
     summary = next(a for a in artifacts if a.key == "leaderboard-batch")
     assert "1 processed, 1 failed, 2 skipped" in summary.data and "acme/broken" in summary.data
@@ -155,9 +149,7 @@ def test_the_library_loop_and_a_dry_run(tmp_path: Path, fixtures_dir: Path) -> N
         extract_only(store),
         backoff_seconds=3600,
     )
-    assert [o.id for o in summary.processed] == ["acme/a"] and [o.id for o in summary.failed] == [
-        "acme/broken"
-    ]
+    assert [o.id for o in summary.processed] == ["acme/a"] and [o.id for o in summary.failed] == ["acme/broken"]
 
     # The broken model now waits for its backoff; the dry run says so and changes nothing.
     before = Path(store, catalog.KEY).read_bytes()
@@ -165,16 +157,11 @@ def test_the_library_loop_and_a_dry_run(tmp_path: Path, fixtures_dir: Path) -> N
     assert result.exit_code == 0, result.output
     rows = {r["id"]: r for r in json.loads(result.stdout)}
     assert rows["acme/a"]["action"] == "leave" and rows["acme/a"]["reason"] == "done"
-    assert (
-        rows["acme/broken"]["action"] == "leave"
-        and "next try after" in rows["acme/broken"]["reason"]
-    )
+    assert rows["acme/broken"]["action"] == "leave" and "next try after" in rows["acme/broken"]["reason"]
     assert Path(store, catalog.KEY).read_bytes() == before
 
     # --no-prefect runs the extract stage alone; asking for more is a one-line error.
-    result = cli(
-        "--source", manifest, "--store", store, "--no-prefect", "--stages", "extract,weight-stats"
-    )
+    result = cli("--source", manifest, "--store", store, "--no-prefect", "--stages", "extract,weight-stats")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--stages" in result.stderr
 
 
@@ -199,9 +186,7 @@ def test_a_json_manifest_over_http(http_server, fixtures_dir: Path) -> None:
     (http_server.root / "m.json").write_text(
         json.dumps([{"id": "acme/a", "source": "a/model.safetensors", "revision": "2024-06-01"}])
     )
-    (entry,) = read_source(
-        http_server.url_for("m.json"), SourceQuery(filter="gptq")
-    )  # filter: hub only
+    (entry,) = read_source(http_server.url_for("m.json"), SourceQuery(filter="gptq"))  # filter: hub only
     assert (entry.id, entry.revision, entry.source) == (
         "acme/a",
         "2024-06-01",
@@ -271,9 +256,7 @@ def test_the_daily_deployment_processes_a_manifest(tmp_path: Path, fixtures_dir:
         ]
         if STAGES:
             params += ["--param", f"stages={json.dumps(STAGES)}"]
-        created = _run(
-            [prefect, "deployment", "run", "leaderboard-batch/daily", *params], env, timeout=120
-        )
+        created = _run([prefect, "deployment", "run", "leaderboard-batch/daily", *params], env, timeout=120)
         match = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout)
         assert match, created.stdout
         deadline, state = time.monotonic() + RUN_TIMEOUT, "UNKNOWN"
@@ -314,8 +297,6 @@ def _post(api_url: str, path: str, body: dict):
 
 
 def _run(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
     return result

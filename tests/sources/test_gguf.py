@@ -66,9 +66,7 @@ def _assert_matches_reference(path: Path) -> None:
     assert list(own) == list(ref_fields)
     for key, field in ref_fields.items():
         value = own[key]
-        if field.types[0] == gguf.GGUFValueType.ARRAY and field.types[1:2] == [
-            gguf.GGUFValueType.ARRAY
-        ]:
+        if field.types[0] == gguf.GGUFValueType.ARRAY and field.types[1:2] == [gguf.GGUFValueType.ARRAY]:
             value = _flatten(value)  # gguf-py flattens nested arrays
         np.testing.assert_equal(value, field.contents(), err_msg=key)  # NaN == NaN here
         assert type(value) is type(field.contents()), key

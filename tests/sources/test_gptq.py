@@ -44,10 +44,7 @@ def _header(path: Path) -> dict:
 def _entries_from_file(path: Path) -> dict[str, TensorEntry]:
     header = _header(path)
     header.pop("__metadata__", None)
-    return {
-        name: TensorEntry(name, info["dtype"], tuple(info["shape"]), 0, 0, 0)
-        for name, info in header.items()
-    }
+    return {name: TensorEntry(name, info["dtype"], tuple(info["shape"]), 0, 0, 0) for name, info in header.items()}
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -56,10 +53,7 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def _entries(tensors: dict[str, np.ndarray]) -> dict[str, TensorEntry]:
-    return {
-        name: TensorEntry(name, _DTYPE_NAMES[a.dtype], a.shape, 0, 0, 0)
-        for name, a in tensors.items()
-    }
+    return {name: TensorEntry(name, _DTYPE_NAMES[a.dtype], a.shape, 0, 0, 0) for name, a in tensors.items()}
 
 
 def _pack_stream(values: np.ndarray, bits: int) -> np.ndarray:
@@ -426,6 +420,4 @@ def test_dequantize_checks_arrays_against_the_group() -> None:
     with pytest.raises(ValueError, match="step 1"):
         _dequantize_all(group, tensors, slice(0, 10, 2))
     with pytest.raises(ValueError, match="g_idx was not given"):
-        dequantize(
-            group, tensors["layer.qweight"], tensors["layer.qzeros"], tensors["layer.scales"], None
-        )
+        dequantize(group, tensors["layer.qweight"], tensors["layer.qzeros"], tensors["layer.scales"], None)

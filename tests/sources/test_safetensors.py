@@ -29,9 +29,7 @@ from weightsmith.verify import verify
 
 
 @pytest.fixture(autouse=True)
-def _state_in_tmp(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _state_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the state folder (staged TIFFs of S3 stores, caches) out of the working directory."""
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path_factory.mktemp("weightsmith-home")))
 
@@ -51,10 +49,7 @@ def tensor(dtype: str, shape: list, offsets: list) -> dict:
 # ---------------------------------------------------------------------------------------------
 # malformed headers
 
-DUPLICATE = (
-    b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
-    b'"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
-)
+DUPLICATE = b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
 # id -> (file bytes, fragment of the message, does the reference library reject it too?)
 MALFORMED: dict[str, tuple[bytes, str, bool]] = {
     "unknown-dtype": (
@@ -63,9 +58,7 @@ MALFORMED: dict[str, tuple[bytes, str, bool]] = {
         True,
     ),
     "overlapping-offsets": (
-        safetensors_bytes(
-            {"a": tensor("F32", [2], [0, 8]), "b": tensor("F32", [2], [4, 12])}, bytes(12)
-        ),
+        safetensors_bytes({"a": tensor("F32", [2], [0, 8]), "b": tensor("F32", [2], [4, 12])}, bytes(12)),
         "overlaps the previous tensor",
         True,
     ),
@@ -91,9 +84,7 @@ MALFORMED: dict[str, tuple[bytes, str, bool]] = {
         True,
     ),
     "gap-between-tensors": (
-        safetensors_bytes(
-            {"a": tensor("U8", [1], [0, 1]), "b": tensor("U8", [1], [2, 3])}, bytes(3)
-        ),
+        safetensors_bytes({"a": tensor("U8", [1], [0, 1]), "b": tensor("U8", [1], [2, 3])}, bytes(3)),
         "tensor 'b' at data offset 2 leaves a gap",
         True,
     ),
@@ -199,9 +190,7 @@ def every_dtype_values() -> dict[str, tuple[str, np.ndarray]]:
         "f64": ("F64", np.array([0.0, -0.0, 1.5, np.inf, -np.inf, np.nan, 1e300, 5e-324], "<f8")),
         "f32": (
             "F32",
-            np.concatenate(
-                [np.array([0.0, -0.0, 3.25, np.inf, 1e-45], "<f4"), f32_nan_payload]
-            ).reshape(3, 3),
+            np.concatenate([np.array([0.0, -0.0, 3.25, np.inf, 1e-45], "<f4"), f32_nan_payload]).reshape(3, 3),
         ),
         "i64": ("I64", np.array([np.iinfo("i8").min, -1, 0, np.iinfo("i8").max], "<i8")),
         "i32": ("I32", np.array([[np.iinfo("i4").min, -1], [0, np.iinfo("i4").max]], "<i4")),

@@ -31,8 +31,16 @@ def test_small_arrays_are_one_chunk() -> None:
 # ---------------------------------------------------------------------------------------------
 # the writer: the same zarr.json and chunk bytes as zarr's own writer, read back by zarr
 CASES = [
-    ((), "<f4"), ((0,), "<f4"), ((5,), "<f2"), ((5, 3), "<f4"), ((7, 0), "<f4"), ((0, 4), "<u2"),
-    ((3, 4, 5), "<i8"), ((20, 3), "u1"), ((6,), "?"), ((41, 3, 2), "<f4"),
+    ((), "<f4"),
+    ((0,), "<f4"),
+    ((5,), "<f2"),
+    ((5, 3), "<f4"),
+    ((7, 0), "<f4"),
+    ((0, 4), "<u2"),
+    ((3, 4, 5), "<i8"),
+    ((20, 3), "u1"),
+    ((6,), "?"),
+    ((41, 3, 2), "<f4"),
 ]
 
 
@@ -57,8 +65,13 @@ def test_written_array_is_zarrs_own(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     array.finish({"name": "t", "n": 1})
 
     theirs = zarr.create_array(
-        store=store.zarr_store("theirs.zarr"), shape=shape, dtype=np.dtype(dtype), chunks=array.chunks,
-        compressors=[BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")], attributes=attrs, fill_value=0,
+        store=store.zarr_store("theirs.zarr"),
+        shape=shape,
+        dtype=np.dtype(dtype),
+        chunks=array.chunks,
+        compressors=[BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")],
+        attributes=attrs,
+        fill_value=0,
         chunk_key_encoding={"name": "default", "separator": "."},
         config={"write_empty_chunks": True},
     )

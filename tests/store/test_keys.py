@@ -59,16 +59,12 @@ def test_plain_names_stay_readable(name: str) -> None:
     # Only '%XX' escapes and the safe characters appear; the rest of the name is kept as is.
     assert re.fullmatch(r"(%[0-9A-F]{2}|[A-Za-z0-9_.-])+", key)
     assert ESCAPE.sub("", key) == "".join(
-        c
-        for i, c in enumerate(name)
-        if c.isalnum() or c in "_-" or (c == "." and i > 0 and name[i - 1] != ".")
+        c for i, c in enumerate(name) if c.isalnum() or c in "_-" or (c == "." and i > 0 and name[i - 1] != ".")
     )
 
 
 def test_readable_examples() -> None:
-    assert (
-        encode_key("model.layers.0.mlp.gate_proj.weight") == "model.layers.0.mlp.gate_proj.weight"
-    )
+    assert encode_key("model.layers.0.mlp.gate_proj.weight") == "model.layers.0.mlp.gate_proj.weight"
     assert encode_key("a/b") == "a%2Fb"
     assert encode_key(".x") == "%2Ex"
     assert encode_key("a..b") == "a.%2Eb"

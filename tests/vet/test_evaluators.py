@@ -118,9 +118,7 @@ def test_entry_reads_replaced_tensors_from_its_folder(gpt2: Path) -> None:
 def test_lm_perplexity_predicts_every_byte_once(gpt2: Path) -> None:
     context = Context(original=original(gpt2), tensors=(ATTN,), text=TEXT)
     # short windows: many full ones in batches of 3, and a shorter last one
-    scores = get("lm-perplexity")({"window": 24, "batch_size": 3}).evaluate(
-        context.original, context
-    )
+    scores = get("lm-perplexity")({"window": 24, "batch_size": 3}).evaluate(context.original, context)
     m = scores.metrics
     assert m["tokens"] == m["bytes"] == len(TEXT.encode())
     assert m["nll_per_byte"] == m["nll_per_token"]  # byte-level ids
@@ -235,9 +233,9 @@ def test_weight_stats_novelty_and_typical_distance_in_a_zoo() -> None:
 def test_weight_stats_power_iteration_for_large_tensors() -> None:
     rng = np.random.default_rng(1)
     u, v = rng.standard_normal((2, 200)).astype(np.float32)
-    w = 5 * np.outer(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)) + 0.01 * rng.standard_normal(
-        (200, 200)
-    ).astype(np.float32)
+    w = 5 * np.outer(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)) + 0.01 * rng.standard_normal((200, 200)).astype(
+        np.float32
+    )
     orig = Entry("original", "original", "original", 0, Path("/x"), tensors={"w": w})
     context = Context(original=orig, tensors=("w",), text="x")
     exact = get("weight-stats")().evaluate(orig, context).metrics["spectral_norm"]
@@ -258,9 +256,7 @@ def test_weight_stats_refuses_a_different_shape() -> None:
 
 
 def test_embedding_similarity_is_one_for_the_original(bert: Path, tmp_path: Path) -> None:
-    context = Context(
-        original=original(bert), tensors=("encoder.layer.0.attention.self.query.weight",), text=TEXT
-    )
+    context = Context(original=original(bert), tensors=("encoder.layer.0.attention.self.query.weight",), text=TEXT)
     evaluator = get("embedding-similarity")({"max_sentences": 30, "batch_size": 8})
     same = evaluator.evaluate(context.original, context).metrics
     assert same["cosine"] == pytest.approx(1.0, abs=1e-12)
@@ -279,6 +275,4 @@ def test_embedding_similarity_reloads_for_a_new_context(bert: Path) -> None:
     evaluator = get("embedding-similarity")()
     for text in ("one line\n", "two\nlines\n"):
         context = Context(original=original(bert), tensors=("pooler.dense.weight",), text=text)
-        assert evaluator.evaluate(context.original, context).metrics["sentences"] == text.count(
-            "\n"
-        )
+        assert evaluator.evaluate(context.original, context).metrics["sentences"] == text.count("\n")

@@ -53,9 +53,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, n
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("trained")
-    model = AutoModelForCausalLM.from_pretrained(
-        build_gpt2(root / "init", *SIZES["tiny"]), local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(build_gpt2(root / "init", *SIZES["tiny"]), local_files_only=True)
     data = torch.tensor(list(TRAIN.encode()))
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -156,9 +154,7 @@ def test_weight_stats_numbers(report: Report) -> None:
         assert math.isfinite(stats["novelty"]) and math.isfinite(stats["typical_distance"]), e.id
         assert set(e.per_tensor["weight-stats"]) == set(TENSORS)
     for r in noise_radii([0.03]):  # noise of radius r lies at novelty ~ r
-        novelty = entries[f"{baseline_label('noise', {'radius': r})}#0"].metric(
-            "weight-stats/novelty"
-        )
+        novelty = entries[f"{baseline_label('noise', {'radius': r})}#0"].metric("weight-stats/novelty")
         assert novelty == pytest.approx(r, rel=0.2)
 
 

@@ -26,19 +26,13 @@ class Average(Generator):
     Config = AverageConfig
     min_checkpoints = 2
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, AverageConfig)
         if config.k > examples.k:
-            raise WeightsmithError(
-                examples.name, f"average k={config.k} needs that many checkpoints, got {examples.k}"
-            )
+            raise WeightsmithError(examples.name, f"average k={config.k} needs that many checkpoints, got {examples.k}")
         return {"checkpoints": examples.flat()}, {}  # (K, numel)
 
-    def _draw(
-        self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
         assert isinstance(config, AverageConfig)
         self._require_shape(state, spec)
         source = state.arrays["checkpoints"]

@@ -98,9 +98,7 @@ class SampleSpec:
         numel = math.prod(self.shape)
         c = self.chunk
         if c is not None and not (c.size >= 1 and 0 <= c.offset and c.stop <= numel):
-            raise WeightsmithError(
-                "sample spec", f"chunk {c} is outside the tensor of shape {self.shape}"
-            )
+            raise WeightsmithError("sample spec", f"chunk {c} is outside the tensor of shape {self.shape}")
 
     @property
     def numel(self) -> int:
@@ -114,11 +112,7 @@ class SampleSpec:
     @property
     def region(self) -> slice:
         """The sampled elements of the flattened tensor."""
-        return (
-            slice(0, self.numel)
-            if self.chunk is None
-            else slice(self.chunk.offset, self.chunk.stop)
-        )
+        return slice(0, self.numel) if self.chunk is None else slice(self.chunk.offset, self.chunk.stop)
 
 
 @dataclass(frozen=True)
@@ -190,13 +184,9 @@ def state_from_bytes(data: bytes) -> State:
             meta = json.loads(npz[_META_KEY].tobytes())
             arrays = {k: npz[k] for k in npz.files if k != _META_KEY}
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
-        raise WeightsmithError(
-            "generator state", f"not a weightsmith generator state ({e})"
-        ) from None
+        raise WeightsmithError("generator state", f"not a weightsmith generator state ({e})") from None
     if meta.get("format") != STATE_FORMAT:
-        raise WeightsmithError(
-            "generator state", f"unsupported state format {meta.get('format')!r}"
-        )
+        raise WeightsmithError("generator state", f"unsupported state format {meta.get('format')!r}")
     return State(
         generator=meta["generator"],
         version=meta["version"],
@@ -256,9 +246,7 @@ class Generator(ABC):
             where = ".".join(str(p) for p in first["loc"]) or "config"
             raise WeightsmithError(f"{self.name} {where}", first["msg"]) from None
 
-    def fingerprint(
-        self, examples: Examples, config: GeneratorConfig | Mapping[str, Any] | None = None
-    ) -> str:
+    def fingerprint(self, examples: Examples, config: GeneratorConfig | Mapping[str, Any] | None = None) -> str:
         """sha256 of the generator (name, version), its config and the examples' name and bytes."""
         h = hashlib.sha256()
         head = {
@@ -272,9 +260,7 @@ class Generator(ABC):
         h.update(examples.values.reshape(-1).view(np.uint8))
         return h.hexdigest()
 
-    def fit(
-        self, examples: Examples, config: GeneratorConfig | Mapping[str, Any] | None = None
-    ) -> State:
+    def fit(self, examples: Examples, config: GeneratorConfig | Mapping[str, Any] | None = None) -> State:
         """Learn from the examples.
 
         Args:
@@ -291,9 +277,7 @@ class Generator(ABC):
                 f"{self.name} needs at least {self.min_checkpoints} checkpoints, got {examples.k}",
             )
         if examples.numel == 0:
-            raise WeightsmithError(
-                examples.name, f"examples of shape {examples.shape} hold no values"
-            )
+            raise WeightsmithError(examples.name, f"examples of shape {examples.shape} hold no values")
         if not np.isfinite(examples.values).all():
             raise WeightsmithError(examples.name, "examples hold NaN or Inf values")
         arrays, info = self._fit(examples, cfg)
@@ -331,9 +315,7 @@ class Generator(ABC):
         return result
 
     @abstractmethod
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         """The learned arrays and JSON-able info."""
 
     def _sample(self, state: State, n: int, spec: SampleSpec, seed: int) -> SampleResult:
@@ -341,14 +323,10 @@ class Generator(ABC):
         arrays = []
         for i in range(n):
             rng = np.random.default_rng(sample_seed(seed, i, spec))
-            arrays.append(
-                np.ascontiguousarray(self._draw(state, config, spec, rng), dtype=np.float32)
-            )
+            arrays.append(np.ascontiguousarray(self._draw(state, config, spec, rng), dtype=np.float32))
         return SampleResult(arrays=arrays, devices=["cpu"] * n, seed=seed)
 
-    def _draw(
-        self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
         """One sample of spec.out_shape (used by the default `_sample`)."""
         raise NotImplementedError(f"{self.name} implements neither _draw nor _sample")
 

@@ -23,20 +23,14 @@ class CoordGaussian(Generator):
     Config = CoordGaussianConfig
     min_checkpoints = 2
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         flat = examples.flat()  # (K, numel)
         mean = flat.mean(axis=0, dtype=np.float64)  # (numel,)
         std = flat.std(axis=0, ddof=1, dtype=np.float64)  # (numel,)
         return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}, {}
 
-    def _draw(
-        self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
         self._require_shape(state, spec)
         mean = state.arrays["mean"][spec.region]
         std = state.arrays["std"][spec.region]
-        return (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)).reshape(
-            spec.out_shape
-        )
+        return (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)).reshape(spec.out_shape)

@@ -29,14 +29,10 @@ class Gaussian(Generator):
     name = "gaussian"
     Config = GaussianConfig
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         mean, std = moments(examples.values)
         return {"mean": np.float64(mean), "std": np.float64(std)}, {}
 
-    def _draw(
-        self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
         z = rng.standard_normal(spec.out_shape, dtype=np.float32)
         return np.float32(state.arrays["mean"]) + np.float32(state.arrays["std"]) * z

@@ -92,9 +92,7 @@ class Img2Img(Generator):
         # loaded pipelines by (model_dir, dtype, device): loading SD 1.5 takes seconds
         self._pipelines: dict[tuple[str, str, str], StableDiffusionImg2ImgPipeline] = {}
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, Img2ImgConfig)
         _check_model_dir(config.model_dir)
         source = examples.values[0]  # the first checkpoint; a zoo's others are not used
@@ -129,9 +127,7 @@ class Img2Img(Generator):
             devices.append("+".join(sorted(used)))  # "cuda:0+cpu" if a batch fell back
         return SampleResult(arrays=arrays, devices=devices, seed=seed)
 
-    def _redraw(
-        self, config: Img2ImgConfig, images: np.ndarray, seeds: list[int]
-    ) -> tuple[np.ndarray, str]:
+    def _redraw(self, config: Img2ImgConfig, images: np.ndarray, seeds: list[int]) -> tuple[np.ndarray, str]:
         """A batch through the pipeline on `self.device`; on CUDA out of memory, on the CPU."""
         pipe = self._pipeline(config.model_dir, config.dtype, self.device)
         try:
@@ -154,9 +150,7 @@ class Img2Img(Generator):
         key = (model_dir, dtype, device)
         if key not in self._pipelines:
             if dtype == "float16" and torch.device(device).type == "cpu":
-                raise WeightsmithError(
-                    f"{self.name} dtype", "float16 needs a CUDA device; use float32 on the CPU"
-                )
+                raise WeightsmithError(f"{self.name} dtype", "float16 needs a CUDA device; use float32 on the CPU")
             _check_model_dir(model_dir)
             try:
                 pipe = StableDiffusionImg2ImgPipeline.from_pretrained(

@@ -33,16 +33,12 @@ class Noise(Generator):
     name = "noise"
     Config = NoiseConfig
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         flat = examples.flat()  # (K, numel)
         stds = np.array([moments(row)[1] for row in flat], dtype=np.float64)  # (K,)
         return {"checkpoints": flat, "stds": stds}, {}
 
-    def _draw(
-        self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
         assert isinstance(config, NoiseConfig)
         self._require_shape(state, spec)
         k = rng.integers(state.arrays["checkpoints"].shape[0])

@@ -33,9 +33,7 @@ class PcaGaussian(Generator):
     Config = PcaGaussianConfig
     min_checkpoints = 2
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, PcaGaussianConfig)
         flat = examples.flat()  # (K, D)
         k, d = flat.shape
@@ -67,9 +65,7 @@ class PcaGaussian(Generator):
             "variances": variances,
         }, info
 
-    def _draw(
-        self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
         self._require_shape(state, spec)
         a = state.arrays
         # 3. z ~ N(0, I_q), scaled by the per-component std

@@ -23,14 +23,10 @@ class Permute(Generator):
     name = "permute"
     Config = PermuteConfig
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         return {"checkpoints": examples.flat()}, {}  # (K, numel)
 
-    def _draw(
-        self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
         self._require_shape(state, spec)
         source = state.arrays["checkpoints"]
         values = source[rng.integers(source.shape[0])]  # (numel,)

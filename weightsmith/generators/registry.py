@@ -33,9 +33,7 @@ ZOO_BASELINES = ("coord-gaussian", "pca-gaussian", "average")  # in reports with
 def get(name: str) -> type[Generator]:
     """The generator class registered as `name`; instantiate it with the device to use."""
     if name not in GENERATORS:
-        raise WeightsmithError(
-            f"generator {name!r}", f"unknown (choose from {', '.join(GENERATORS)})"
-        )
+        raise WeightsmithError(f"generator {name!r}", f"unknown (choose from {', '.join(GENERATORS)})")
     module, cls = GENERATORS[name].split(":")
     # diffusers/transformers import lazily and are not safe to import from two threads at once
     # (flows run tasks in threads): "cannot import name 'DDIMScheduler'" was seen here.

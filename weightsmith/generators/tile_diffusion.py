@@ -86,13 +86,10 @@ class TileDiffusionConfig(GeneratorConfig):
         side, levels = self.side, len(self.block_out_channels) - 1
         if not self.block_out_channels or side % 2**levels:
             raise ValueError(
-                f"the UNet halves its {side}-pixel input {levels} times; use fewer "
-                "block_out_channels or a larger tile"
+                f"the UNet halves its {side}-pixel input {levels} times; use fewer block_out_channels or a larger tile"
             )
         if any(w % self.norm_groups for w in self.block_out_channels):
-            raise ValueError(
-                f"norm_groups {self.norm_groups} must divide {self.block_out_channels}"
-            )
+            raise ValueError(f"norm_groups {self.norm_groups} must divide {self.block_out_channels}")
         if self.num_train_timesteps < self.sample_steps:
             raise ValueError("sample_steps may not exceed num_train_timesteps")
         return self
@@ -118,9 +115,7 @@ class TileDiffusion(Generator):
     name = "tile-diffusion"
     Config = TileDiffusionConfig
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, TileDiffusionConfig)
         cfg, dev = config, torch.device(self.device)
         # 1. every checkpoint as a padded, normalised 2-D image; samples are decoded with the
@@ -178,9 +173,7 @@ class TileDiffusion(Generator):
             fell_back = False
             for b0 in range(0, index.size, cfg.sample_batch):
                 batch = index[b0 : b0 + cfg.sample_batch]
-                z = torch.randn(
-                    (batch.size, cfg.channels, cfg.side, cfg.side), generator=rng, device=dev
-                )
+                z = torch.randn((batch.size, cfg.channels, cfg.side, cfg.side), generator=rng, device=dev)
                 r = torch.randn((batch.size, cfg.tile, cfg.tile), generator=rng, device=dev)
                 try:
                     out = models.denoise(layout, batch, z, r)
@@ -296,10 +289,7 @@ def _coords(tops: torch.Tensor, cfg: TileDiffusionConfig, extent: tuple[int, int
 
 
 def _to_arrays(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {
-        prefix + k: v.detach().cpu().numpy().astype(np.float32)
-        for k, v in module.state_dict().items()
-    }
+    return {prefix + k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +315,7 @@ class _Crops:
         k = self.rng.integers(self.images.shape[0], size=b)
         ys = self.rng.integers(self.extent[0] - t + 1, size=b)
         xs = self.rng.integers(self.extent[1] - t + 1, size=b)
-        x = torch.stack(
-            [self.images[i, y : y + t, c : c + t] for i, y, c in zip(k, ys, xs, strict=True)]
-        )
+        x = torch.stack([self.images[i, y : y + t, c : c + t] for i, y, c in zip(k, ys, xs, strict=True)])
         m = torch.stack([self.mask[y : y + t, c : c + t] for y, c in zip(ys, xs, strict=True)])
         tops = torch.tensor(np.stack([ys, xs], 1), dtype=torch.float32, device=x.device)
         return x[:, None], m[:, None], tops
@@ -340,9 +328,7 @@ def _optimiser(
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
 
-def _train_autoencoder(
-    ae: _Autoencoder, crops: _Crops, noise: torch.Generator, cfg: TileDiffusionConfig
-) -> float:
+def _train_autoencoder(ae: _Autoencoder, crops: _Crops, noise: torch.Generator, cfg: TileDiffusionConfig) -> float:
     """Masked MSE reconstruction with noisy latents; returns the mean loss of the last tenth."""
     opt, lr = _optimiser(ae, cfg, cfg.ae_train_steps)
     losses = []
@@ -458,9 +444,7 @@ class _Models:
         )
 
     @torch.inference_mode()
-    def denoise(
-        self, layout: TileLayout, index: np.ndarray, z: torch.Tensor, r: torch.Tensor
-    ) -> np.ndarray:
+    def denoise(self, layout: TileLayout, index: np.ndarray, z: torch.Tensor, r: torch.Tensor) -> np.ndarray:
         """(B, t, t) normalised tiles at grid `index`, from initial noise z and residual noise r.
 
         DDIM with eta = 0 (Song et al. 2021, eq. 12): deterministic given z.
@@ -485,9 +469,7 @@ class _Models:
 def _untile(layout: TileLayout, tiles: np.ndarray) -> np.ndarray:
     """(n, t, t) grid tiles -> the padded (rows, cols) image they cut (as in codec.decode)."""
     (gr, gc), t = layout.grid, layout.tile
-    return np.ascontiguousarray(
-        tiles.reshape(gr, gc, t, t).transpose(0, 2, 1, 3).reshape(gr * t, gc * t)
-    )
+    return np.ascontiguousarray(tiles.reshape(gr, gc, t, t).transpose(0, 2, 1, 3).reshape(gr * t, gc * t))
 
 
 def _covering(layout: TileLayout, chunk: Chunk) -> np.ndarray:
@@ -506,9 +488,7 @@ def _covering(layout: TileLayout, chunk: Chunk) -> np.ndarray:
     return np.flatnonzero(need)
 
 
-def _assemble(
-    layout: TileLayout, index: np.ndarray, tiles: np.ndarray, spec: SampleSpec
-) -> np.ndarray:
+def _assemble(layout: TileLayout, index: np.ndarray, tiles: np.ndarray, spec: SampleSpec) -> np.ndarray:
     """The sample of spec.out_shape from generated tiles at grid `index`."""
     if spec.chunk is None:
         return decode(layout, tiles)

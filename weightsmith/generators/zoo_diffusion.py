@@ -105,9 +105,7 @@ class ZooDiffusion(Generator):
     Config = ZooDiffusionConfig
     min_checkpoints = 2
 
-    def _fit(
-        self, examples: Examples, config: GeneratorConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, ZooDiffusionConfig)
         d = examples.numel
         if d > config.max_numel:
@@ -143,9 +141,7 @@ class ZooDiffusion(Generator):
         }
         return arrays, {"components": basis.shape[0], "latent": latent, **info}
 
-    def _train(
-        self, coeffs: np.ndarray, latent: int, config: ZooDiffusionConfig
-    ) -> tuple[dict[str, np.ndarray], dict]:
+    def _train(self, coeffs: np.ndarray, latent: int, config: ZooDiffusionConfig) -> tuple[dict[str, np.ndarray], dict]:
         """Steps 3b-5 on the checkpoints' principal coefficients (K, q)."""
         device = torch.device(self.device)
         c = torch.from_numpy(coeffs).to(device)  # (K, q)
@@ -210,9 +206,7 @@ class ZooDiffusion(Generator):
 # -- tensor sets ---------------------------------------------------------------------------
 
 
-def concat_examples(
-    examples: Sequence[Examples], name: str | None = None
-) -> tuple[Examples, list[int]]:
+def concat_examples(examples: Sequence[Examples], name: str | None = None) -> tuple[Examples, list[int]]:
     """A tensor set (e.g. a layer's weight and bias) as one flat vector per checkpoint.
 
     Args:
@@ -227,17 +221,13 @@ def concat_examples(
         raise WeightsmithError("tensor set", "needs at least one tensor")
     ks = {e.k for e in examples}
     if len(ks) != 1:
-        raise WeightsmithError(
-            "tensor set", f"tensors have different checkpoint counts {sorted(ks)}"
-        )
+        raise WeightsmithError("tensor set", f"tensors have different checkpoint counts {sorted(ks)}")
     offsets = [0, *np.cumsum([e.numel for e in examples]).tolist()]
     flat = np.concatenate([e.flat() for e in examples], axis=1)  # (K, D)
     return Examples(name or "+".join(e.name for e in examples), flat), offsets
 
 
-def split_sample(
-    vec: np.ndarray, offsets: Sequence[int], shapes: Sequence[tuple[int, ...]]
-) -> list[np.ndarray]:
+def split_sample(vec: np.ndarray, offsets: Sequence[int], shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
     """The tensors of one sample of a set made by `concat_examples` (views of `vec`)."""
     flat = np.asarray(vec).reshape(-1)
     assert len(offsets) == len(shapes) + 1 and offsets[-1] == flat.size, (offsets, flat.size)
@@ -375,9 +365,7 @@ def _principal_directions(x: np.ndarray, components: int) -> tuple[np.ndarray, n
     return center.astype(np.float32), basis
 
 
-def _train_autoencoder(
-    ae: _Autoencoder, c: torch.Tensor, config: ZooDiffusionConfig, gen: torch.Generator
-) -> float:
+def _train_autoencoder(ae: _Autoencoder, c: torch.Tensor, config: ZooDiffusionConfig, gen: torch.Generator) -> float:
     """p-diff's autoencoder objective: reconstruct from noisy inputs and noisy latents.
 
     Noise N(0, s^2 I_D) on the normalised weights is N(0, s^2 I_q) on their coefficients in an
@@ -399,9 +387,7 @@ def _train_autoencoder(
     return float(torch.stack(losses[-max(1, len(losses) // 10) :]).mean())  # last 10%
 
 
-def _train_denoiser(
-    den: _Denoiser, z: torch.Tensor, config: ZooDiffusionConfig, gen: torch.Generator
-) -> float:
+def _train_denoiser(den: _Denoiser, z: torch.Tensor, config: ZooDiffusionConfig, gen: torch.Generator) -> float:
     """Epsilon prediction: MSE(eps, den(sqrt(a_t) z + sqrt(1 - a_t) eps, t)) (Ho et al. eq. 14)."""
     ddpm, _ = _schedulers(config)
     opt = torch.optim.AdamW(den.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -411,9 +397,7 @@ def _train_denoiser(
         idx = torch.randint(0, k, (batch,), generator=gen, device=z.device)
         z0 = z[idx]  # (B, L)
         eps = torch.randn(z0.shape, generator=gen, device=z.device)
-        t = torch.randint(
-            0, ddpm.config.num_train_timesteps, (batch,), generator=gen, device=z.device
-        )
+        t = torch.randint(0, ddpm.config.num_train_timesteps, (batch,), generator=gen, device=z.device)
         loss = F.mse_loss(den(ddpm.add_noise(z0, eps, t), t), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -436,16 +420,11 @@ def _threads(device: str) -> Iterator[None]:
 
 
 def _to_arrays(prefix: str, module: nn.Module) -> dict[str, np.ndarray]:
-    return {
-        prefix + k: v.detach().cpu().numpy().astype(np.float32)
-        for k, v in module.state_dict().items()
-    }
+    return {prefix + k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
 
 
 def _load(module: nn.Module, prefix: str, arrays: dict[str, np.ndarray]) -> nn.Module:
-    module.load_state_dict(
-        {k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
-    )
+    module.load_state_dict({k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)})
     return module.eval()
 
 

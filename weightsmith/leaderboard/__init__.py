@@ -65,9 +65,7 @@ class BatchSummary:
     skipped: list[Outcome] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {
-            k: [asdict(o) for o in getattr(self, k)] for k in ("processed", "failed", "skipped")
-        }
+        return {k: [asdict(o) for o in getattr(self, k)] for k in ("processed", "failed", "skipped")}
 
     def table(self) -> list[dict]:
         """One row per model: id, revision, outcome, reason, model URL."""
@@ -121,11 +119,7 @@ def plan_batch(
             decisions.append(Decision(entry, "process" if ok else "leave", why))
         elif old is not None and old["status"] == "done":
             decisions.append(Decision(entry, "leave", "done"))
-        elif (
-            old is not None
-            and old["status"] == "skipped"
-            and old.get("last_error") == entry.problem
-        ):
+        elif old is not None and old["status"] == "skipped" and old.get("last_error") == entry.problem:
             decisions.append(Decision(entry, "leave", f"skipped: {entry.problem}"))
         else:
             decisions.append(Decision(entry, "skip", entry.problem))
@@ -154,9 +148,7 @@ def process_one(
         model_url = result.get("model_url") or model_url_of(store, entry)
         report_url = result.get("report_url")
         if not parse_model_url(model_url).is_complete():
-            raise WeightsmithError(
-                model_url, "the pipeline finished but the model has no manifest.json"
-            )
+            raise WeightsmithError(model_url, "the pipeline finished but the model has no manifest.json")
         status, error = "done", None
     except Exception as e:  # any failure of this model is its own: record it and go on
         status, error = "failed", _one_line(e)
@@ -193,11 +185,7 @@ def record_skips(store: str, decisions: list[Decision]) -> None:
 
 def summarize(decisions: list[Decision], outcomes: list[Outcome]) -> BatchSummary:
     """Processed and failed from this batch's outcomes; everything not processed is skipped."""
-    skipped = [
-        Outcome(d.entry.id, d.entry.revision, "skipped", d.reason)
-        for d in decisions
-        if d.action != "process"
-    ]
+    skipped = [Outcome(d.entry.id, d.entry.revision, "skipped", d.reason) for d in decisions if d.action != "process"]
     return BatchSummary(
         processed=[o for o in outcomes if o.status == "done"],
         failed=[o for o in outcomes if o.status == "failed"],
@@ -213,11 +201,7 @@ def run_batch(
 ) -> BatchSummary:
     """Record the skips, then process the due models one after the other."""
     record_skips(store, decisions)
-    outcomes = [
-        process_one(store, d.entry, process, backoff_seconds)
-        for d in decisions
-        if d.action == "process"
-    ]
+    outcomes = [process_one(store, d.entry, process, backoff_seconds) for d in decisions if d.action == "process"]
     return summarize(decisions, outcomes)
 
 
@@ -226,9 +210,7 @@ def extract_only(store: str) -> Process:
     from weightsmith.extract import ExtractOptions, extract
 
     def process(entry: ModelEntry) -> dict:
-        result = extract(
-            entry.source, ExtractOptions(store=store, name=entry.id, revision=entry.revision)
-        )
+        result = extract(entry.source, ExtractOptions(store=store, name=entry.id, revision=entry.revision))
         return {"model_url": result.model_url, "report_url": None, "status": result.status}
 
     return process

@@ -49,8 +49,7 @@ def entries(location: str, query: SourceQuery) -> list[ModelEntry]:
     if _offline():
         raise WeightsmithError(
             "hf-hub",
-            "HF_HUB_OFFLINE is set, so the hub cannot be listed: "
-            "unset it, or list the models in a manifest file",
+            "HF_HUB_OFFLINE is set, so the hub cannot be listed: unset it, or list the models in a manifest file",
         )
     if query.sort not in SORTS:
         raise WeightsmithError(
@@ -62,13 +61,9 @@ def entries(location: str, query: SourceQuery) -> list[ModelEntry]:
 
     api = HfApi(endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None)
     try:
-        listed = list(
-            api.list_models(filter=query.filter, sort=SORTS[query.sort], limit=query.limit)
-        )
+        listed = list(api.list_models(filter=query.filter, sort=SORTS[query.sort], limit=query.limit))
     except (OSError, *HfHubHTTPError.__bases__) as e:  # the HTTP library's errors: refused, 5xx
-        raise WeightsmithError(
-            f"{endpoint}/api/models", f"cannot list models ({_reason(e)})"
-        ) from None
+        raise WeightsmithError(f"{endpoint}/api/models", f"cannot list models ({_reason(e)})") from None
     return [resolve(api, endpoint, m.id, getattr(m, "sha", None)) for m in listed]
 
 
@@ -91,9 +86,7 @@ def resolve(api, endpoint: str, model_id: str, listed_sha: str | None = None) ->
             problem=f"model info unavailable ({_reason(e)})",
         )
     except (OSError, *HfHubHTTPError.__bases__) as e:  # it did not answer
-        raise WeightsmithError(
-            f"{endpoint}/api/models/{model_id}", f"cannot read model info ({_reason(e)})"
-        ) from None
+        raise WeightsmithError(f"{endpoint}/api/models/{model_id}", f"cannot read model info ({_reason(e)})") from None
     if not info.sha:
         return ModelEntry(
             id=model_id,

@@ -56,9 +56,7 @@ def _load(location: str) -> list:
     if isinstance(value, dict) and set(value) == {"models"}:
         value = value["models"]
     if not isinstance(value, list):
-        raise WeightsmithError(
-            location, "a manifest is a list of {id, source, revision} (or {models: [...]})"
-        )
+        raise WeightsmithError(location, "a manifest is a list of {id, source, revision} (or {models: [...]})")
     return value
 
 
@@ -68,16 +66,12 @@ def _entry(location: str, index: int, item) -> ModelEntry:
         raise WeightsmithError(where, "is not a mapping of id, source and revision")
     unknown = sorted(set(item) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
-        raise WeightsmithError(
-            where, f"unknown field {unknown[0]!r} (fields: {', '.join(REQUIRED + OPTIONAL)})"
-        )
+        raise WeightsmithError(where, f"unknown field {unknown[0]!r} (fields: {', '.join(REQUIRED + OPTIONAL)})")
     for name in REQUIRED:
         value = item.get(name)
         # YAML reads 2024-06-01 or 1.0 as a date or a number: str() of it is used (quote to keep).
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise WeightsmithError(
-                where, f"no {name!r} (every entry needs id, source and revision)"
-            )
+            raise WeightsmithError(where, f"no {name!r} (every entry needs id, source and revision)")
     licence = item.get("licence", item.get("license"))
     return ModelEntry(
         id=str(item["id"]).strip(),

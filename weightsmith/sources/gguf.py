@@ -120,8 +120,7 @@ class _Header:
             )
         if end > self.limit:
             raise self.error(
-                f"header larger than the {MAX_HEADER_BYTES:,}-byte cap "
-                f"({what} at offset {self.pos} needs {n} bytes)"
+                f"header larger than the {MAX_HEADER_BYTES:,}-byte cap ({what} at offset {self.pos} needs {n} bytes)"
             )
         # Doubling keeps a long header (a 150k-token vocabulary) to a few reads and O(n)
         # copying; bytes (not bytearray) so numpy views never pin a buffer we grow.
@@ -156,9 +155,7 @@ class _Header:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
-            raise self.error(
-                f"{what} at offset {start} is not valid UTF-8: {data[:64]!r}"
-            ) from None
+            raise self.error(f"{what} at offset {start} is not valid UTF-8: {data[:64]!r}") from None
 
     def text(self, what: str) -> str:
         """A string value; metadata is informative, so bad UTF-8 is kept as replacements."""
@@ -188,9 +185,7 @@ class _Header:
         return values.tolist()
 
 
-def parse_gguf(
-    reader: RangedReader, container: int, name: str
-) -> tuple[Container, list[TensorEntry]]:
+def parse_gguf(reader: RangedReader, container: int, name: str) -> tuple[Container, list[TensorEntry]]:
     """Parse a GGUF file's header into its container and tensor entries.
 
     Only the header is fetched, through `reader.read`; tensor data is never read.
@@ -268,9 +263,7 @@ def dequantize(entry: TensorEntry, blocks: np.ndarray) -> np.ndarray:
     try:
         values = _reference_dequantize(np.ascontiguousarray(blocks), qtype)
     except NotImplementedError:
-        raise WeightsmithError(
-            where, f"the installed gguf package cannot dequantise ggml type {qtype.name}"
-        ) from None
+        raise WeightsmithError(where, f"the installed gguf package cannot dequantise ggml type {qtype.name}") from None
     return values.astype(np.float32, copy=False)
 
 
@@ -308,9 +301,7 @@ def _read_preamble(head: _Header) -> tuple[int, int, int]:
     version = head.u32("version")
     if version not in SUPPORTED_VERSIONS:
         hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
-        raise head.error(
-            f"unsupported GGUF version {version}{hint}: only versions 2 and 3 are read"
-        )
+        raise head.error(f"unsupported GGUF version {version}{hint}: only versions 2 and 3 are read")
     n_tensors = head.u64("tensor count")
     n_kv = head.u64("key-value count")
     # Counts are bounded by what the rest of the file could hold, so a corrupt count fails
@@ -359,8 +350,7 @@ def _read_array(head: _Header, key: str, depth: int) -> list:
     count = head.u64(f"array length of metadata key {key!r}")
     if count * _MIN_ITEM_BYTES[itype] > head.left():
         raise head.error(
-            f"metadata key {key!r}: array of {count} items cannot fit in the "
-            f"{head.left()} bytes left in the file"
+            f"metadata key {key!r}: array of {count} items cannot fit in the {head.left()} bytes left in the file"
         )
     if itype == _T_STRING:
         return head.strings(count, f"metadata key {key!r}")
@@ -400,9 +390,7 @@ def _alignment(head: _Header, metadata: dict, types: dict[str, int]) -> int:
     if "general.alignment" not in metadata:
         return DEFAULT_ALIGNMENT
     if types["general.alignment"] != _T_UINT32:
-        raise head.error(
-            f"general.alignment has value type {types['general.alignment']}, expected uint32 (4)"
-        )
+        raise head.error(f"general.alignment has value type {types['general.alignment']}, expected uint32 (4)")
     alignment = metadata["general.alignment"]
     if alignment == 0 or alignment & (alignment - 1):
         raise head.error(f"general.alignment {alignment} is not a power of two")
@@ -428,25 +416,22 @@ def _entry(
     except (ValueError, KeyError):
         raise head.error(f"tensor {name!r}: unknown ggml type {raw_type}") from None
     # ggml keeps every dim, and the product of dims, within int64.
-    if any(d > _INT64_MAX for d in dims) or -(-math.prod(max(d, 1) for d in dims) // block_size) * type_size > _INT64_MAX:
+    if (
+        any(d > _INT64_MAX for d in dims)
+        or -(-math.prod(max(d, 1) for d in dims) // block_size) * type_size > _INT64_MAX
+    ):
         raise head.error(f"tensor {name!r}: dims {dims} overflow int64")
     if dims[0] % block_size:
         raise head.error(
-            f"tensor {name!r}: row length {dims[0]} is not a multiple of the "
-            f"{gtype.name} block size {block_size}"
+            f"tensor {name!r}: row length {dims[0]} is not a multiple of the {gtype.name} block size {block_size}"
         )
     if offset % alignment:
-        raise head.error(
-            f"tensor {name!r}: data offset {offset} is not a multiple of the alignment {alignment}"
-        )
+        raise head.error(f"tensor {name!r}: data offset {offset} is not a multiple of the alignment {alignment}")
     nbytes = math.prod(dims) // block_size * type_size
     start = data_start + offset
     end = start + nbytes
     if end > head.size:
-        raise head.error(
-            f"truncated: tensor {name!r} needs bytes [{start}, {end}) "
-            f"but the file has {head.size} bytes"
-        )
+        raise head.error(f"truncated: tensor {name!r} needs bytes [{start}, {end}) but the file has {head.size} bytes")
     shape = tuple(reversed(dims))  # GGUF lists ne0 (the fastest axis) first
     raw = _RAW_TYPES.get(gtype)
     if raw is not None:
@@ -461,8 +446,7 @@ def _check_layout(head: _Header, entries: list[TensorEntry]) -> None:
     for prev, cur in pairwise(ordered):
         if cur.start < prev.end:
             raise head.error(
-                f"tensors {prev.name!r} [{prev.start}, {prev.end}) and "
-                f"{cur.name!r} [{cur.start}, {cur.end}) overlap"
+                f"tensors {prev.name!r} [{prev.start}, {prev.end}) and {cur.name!r} [{cur.start}, {cur.end}) overlap"
             )
 
 

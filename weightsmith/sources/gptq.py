@@ -101,9 +101,7 @@ def find_groups(
     config = quant_config or {}
     method = config.get("quant_method")
     if method is not None and str(method).lower() != "gptq":
-        raise WeightsmithError(
-            where, f"quant_method {method!r} is not GPTQ; its qweight/qzeros cannot be read"
-        )
+        raise WeightsmithError(where, f"quant_method {method!r} is not GPTQ; its qweight/qzeros cannot be read")
     fmt = _checkpoint_format(config, metadata, where)
     bits = _int_setting("bits", config, metadata, where)
     if bits is not None and bits not in _BITS:
@@ -149,9 +147,7 @@ def dequantize(
     shapes = (tuple(qweight.shape), tuple(qzeros.shape), tuple(scales.shape), g_shape)
     in_f, out_f = _check_layout(group.bits, group.group_size, *shapes, names, group.name)
     if (out_f, in_f) != group.shape:
-        raise WeightsmithError(
-            group.name, f"arrays give shape {(out_f, in_f)}, the group says {group.shape}"
-        )
+        raise WeightsmithError(group.name, f"arrays give shape {(out_f, in_f)}, the group says {group.shape}")
     o0, o1, step = rows.indices(out_f)
     if step != 1:
         raise ValueError(f"rows must have step 1, got {rows}")
@@ -202,16 +198,12 @@ def _make_group(
     for suffix in _REQUIRED:
         if suffix not in present:
             have = ", ".join(sorted(present.values()))
-            raise WeightsmithError(
-                where, f"GPTQ tensor {prefix}.{suffix} is missing (found only {have})"
-            )
+            raise WeightsmithError(where, f"GPTQ tensor {prefix}.{suffix} is missing (found only {have})")
     for suffix, name in present.items():
         entry = entries[name]
         if entry.encoding != "raw" or entry.dtype not in _DTYPES[suffix]:
             allowed = " or ".join(_DTYPES[suffix])
-            raise WeightsmithError(
-                where, f"GPTQ tensor {name} has dtype {entry.dtype}, expected {allowed}"
-            )
+            raise WeightsmithError(where, f"GPTQ tensor {name} has dtype {entry.dtype}, expected {allowed}")
     names = _Names(present["qweight"], present["qzeros"], present["scales"], present.get("g_idx"))
     qw, qz, sc = (entries[present[s]].shape for s in _REQUIRED)
     gi = entries[names.g_idx].shape if names.g_idx else None
@@ -235,9 +227,7 @@ def _make_group(
     )
 
 
-def _setting(
-    key: str, config: Mapping, metadata: Mapping[str, str]
-) -> tuple[object, str] | tuple[None, None]:
+def _setting(key: str, config: Mapping, metadata: Mapping[str, str]) -> tuple[object, str] | tuple[None, None]:
     """(value, source key) of a setting: the quant config first, then the file's metadata."""
     for k in _CONFIG_KEYS[key]:
         if config.get(k) is not None:
@@ -275,9 +265,7 @@ def _checkpoint_format(config: Mapping, metadata: Mapping[str, str], where: str)
     match = re.match(r"\s*(\w+)", str(value))
     fmt = match.group(1).lower() if match else ""
     if fmt not in _FORMATS:
-        raise WeightsmithError(
-            where, f"GPTQ {source} is {value!r}; supported formats are {', '.join(_FORMATS)}"
-        )
+        raise WeightsmithError(where, f"GPTQ {source} is {value!r}; supported formats are {', '.join(_FORMATS)}")
     return fmt
 
 
@@ -314,9 +302,7 @@ def _infer_bits(
         basis = f"{names.qzeros} {list(qz)} and {names.scales} {list(sc)}"
     if den > 0 and num % den == 0 and num // den in _BITS:
         return num // den
-    raise WeightsmithError(
-        where, f"cannot infer GPTQ bits from {basis}; give 'bits' in quantize_config.json"
-    )
+    raise WeightsmithError(where, f"cannot infer GPTQ bits from {basis}; give 'bits' in quantize_config.json")
 
 
 def _infer_group_size(
@@ -360,9 +346,7 @@ def _check_layout(
     if gi is not None:
         in_f = gi[0]
     elif bits == 3 and qw[0] % 3:
-        raise WeightsmithError(
-            where, f"GPTQ tensor {names.qweight} has {qw[0]} rows, not a multiple of 3 for 3 bits"
-        )
+        raise WeightsmithError(where, f"GPTQ tensor {names.qweight} has {qw[0]} rows, not a multiple of 3 for 3 bits")
     else:
         in_f = _unpacked_len(qw[0], bits)
     if qw[0] != _packed_len(in_f, bits) or qw[1] != out_f:
@@ -461,9 +445,7 @@ def _zeros_band(group: GptqGroup, qzeros: np.ndarray, o0: int, o1: int) -> np.nd
     return z.astype(np.float32)
 
 
-def _group_of_rows(
-    group: GptqGroup, g_idx: np.ndarray | None, in_f: int, n_groups: int
-) -> np.ndarray:
+def _group_of_rows(group: GptqGroup, g_idx: np.ndarray | None, in_f: int, n_groups: int) -> np.ndarray:
     """The group of each input row: g_idx (act-order), else i // group_size."""
     if g_idx is None:
         if group.group_size == -1:
@@ -476,7 +458,6 @@ def _group_of_rows(
     if g.size and (int(g.min()) < 0 or int(g.max()) >= n_groups):
         raise WeightsmithError(
             where,
-            f"has group indices {int(g.min())}..{int(g.max())}, outside the {n_groups} groups "
-            f"of {group.scales}",
+            f"has group indices {int(g.min())}..{int(g.max())}, outside the {n_groups} groups of {group.scales}",
         )
     return g.astype(np.intp)

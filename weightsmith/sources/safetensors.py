@@ -53,8 +53,9 @@ def parse_safetensors(reader: RangedReader, container: int, name: str) -> tuple[
 
     segments = [Segment(0, data_start)] + [Segment(e.start, e.end, e.name) for e in entries]
     return (
-        Container(name=name, url=where, size=reader.size, format="safetensors",
-                  segments=tuple(segments), metadata=metadata),
+        Container(
+            name=name, url=where, size=reader.size, format="safetensors", segments=tuple(segments), metadata=metadata
+        ),
         entries,
     )
 
@@ -89,9 +90,7 @@ def _decode_header(raw: bytes, where: str) -> dict:
 def _metadata(value: object, where: str) -> dict[str, str]:
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise WeightsmithError(where, "__metadata__ must map strings to strings")
     return value
 
@@ -119,14 +118,18 @@ def _entry(name: str, info: object, container: int, data_start: int, where: str)
             f"tensor {name!r}: {offsets[1] - offsets[0]} bytes in data_offsets but shape {shape} "
             f"of {dtype} needs {expected}",
         )
-    return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), container=container,
-                       start=data_start + offsets[0], end=data_start + offsets[1])
+    return TensorEntry(
+        name=name,
+        dtype=dtype,
+        shape=tuple(shape),
+        container=container,
+        start=data_start + offsets[0],
+        end=data_start + offsets[1],
+    )
 
 
 def _is_uint_list(value: object) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value
-    )
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
 
 
 def _check_coverage(entries: list[TensorEntry], data_start: int, size: int, where: str) -> None:

@@ -174,8 +174,9 @@ def _open_single(url: str, with_sidecars: bool) -> Source:
         root = url[: -len(name)].rstrip("/") or "/"
     container, entries = parser_for(fmt)(reader, 0, name)
     return _finish(
-        Source(url=url, kind=fmt, root=root, containers=[container], readers=[reader],
-               tensors={e.name: e for e in entries}),
+        Source(
+            url=url, kind=fmt, root=root, containers=[container], readers=[reader], tensors={e.name: e for e in entries}
+        ),
         with_sidecars,
     )
 
@@ -198,14 +199,14 @@ def _open_sharded(index_url: str, fs, with_sidecars: bool) -> Source:
             if e.name in tensors:
                 raise WeightsmithError(reader.url, f"tensor {e.name!r} is also in another shard")
             if weight_map.get(e.name) != shard:
-                raise WeightsmithError(index_url, f"tensor {e.name!r} is in {shard} but the index says "
-                                       f"{weight_map.get(e.name)!r}")
+                raise WeightsmithError(
+                    index_url, f"tensor {e.name!r} is in {shard} but the index says {weight_map.get(e.name)!r}"
+                )
             tensors[e.name] = e
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
         raise WeightsmithError(index_url, f"tensor {missing[0]!r} is listed but not in its shard")
-    source = Source(url=index_url, kind="sharded", root=root, containers=containers, readers=readers,
-                    tensors=tensors)
+    source = Source(url=index_url, kind="sharded", root=root, containers=containers, readers=readers, tensors=tensors)
     source.sidecars[INDEX_NAME] = raw
     return _finish(source, with_sidecars)
 
@@ -226,8 +227,14 @@ def _parse_index(raw: bytes, where: str) -> dict[str, str]:
 
 def _plain_file_name(name: str) -> bool:
     """A shard name must stay inside the checkpoint's folder: no separators, no '..'."""
-    return (bool(name) and "/" not in name and "\\" not in name and "\x00" not in name
-            and name not in (".", "..") and name.endswith(".safetensors"))
+    return (
+        bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and name not in (".", "..")
+        and name.endswith(".safetensors")
+    )
 
 
 def _finish(source: Source, with_sidecars: bool) -> Source:

@@ -65,8 +65,16 @@ class ArrayWriter:
     zarr stores it.
     """
 
-    def __init__(self, store: Store, key: str, shape: tuple[int, ...], dtype: np.dtype,
-                 chunks: tuple[int, ...], metadata: dict, encoders: list):
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        chunks: tuple[int, ...],
+        metadata: dict,
+        encoders: list,
+    ):
         self.store, self.key, self.shape, self.dtype, self.chunks = store, key, shape, dtype, chunks
         self.metadata = metadata  # zarr.json without the record
         self._encoders = encoders  # numcodecs codecs, applied in order to each chunk's bytes
@@ -132,9 +140,15 @@ def create(store: Store, key: str, shape: tuple[int, ...], np_dtype: np.dtype, a
         config = dict(c.get("configuration", {}))
         if c["name"] == "blosc":
             config = {"typesize": np_dtype.itemsize, **config}
-            encoders.append(numcodecs.Blosc(cname=config["cname"], clevel=config["clevel"],
-                                            shuffle=_SHUFFLE[config["shuffle"]], blocksize=config["blocksize"],
-                                            typesize=np_dtype.itemsize))
+            encoders.append(
+                numcodecs.Blosc(
+                    cname=config["cname"],
+                    clevel=config["clevel"],
+                    shuffle=_SHUFFLE[config["shuffle"]],
+                    blocksize=config["blocksize"],
+                    typesize=np_dtype.itemsize,
+                )
+            )
         else:
             encoders.append(numcodecs.get_codec({"id": c["name"], **config}))
         codecs.append({"name": c["name"], "configuration": config})

@@ -169,9 +169,7 @@ class Store:
         """A zarr store rooted at `key` (a `.zarr` folder of arrays)."""
         if self.protocol == "file":
             return zarr.storage.LocalStore(self.path(key), read_only=read_only)
-        return zarr.storage.FsspecStore.from_url(
-            self.url_of(key), storage_options=s3_options(), read_only=read_only
-        )
+        return zarr.storage.FsspecStore.from_url(self.url_of(key), storage_options=s3_options(), read_only=read_only)
 
     # -- checks ----------------------------------------------------------------------------
     def check_writable(self) -> None:

@@ -92,9 +92,7 @@ class EmbeddingSimilarity(Evaluator):
         for i in range(0, len(sentences), cfg.batch_size):
             chunk = sentences[i : i + cfg.batch_size]
             if tokenizer is not None:
-                enc = tokenizer(
-                    chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt"
-                )
+                enc = tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt")
                 batches.append((enc["input_ids"], enc["attention_mask"]))
                 continue
             rows = [list(s.encode("utf-8"))[:limit] for s in chunk]
@@ -114,7 +112,9 @@ class EmbeddingSimilarity(Evaluator):
         import torch
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(entry.folder, local_files_only=True, dtype=torch.float32, use_safetensors=True)
+        model = AutoModel.from_pretrained(
+            entry.folder, local_files_only=True, dtype=torch.float32, use_safetensors=True
+        )
         model.to(self.device).eval()
         out = []
         with torch.inference_mode():

@@ -65,8 +65,8 @@ class LmPerplexity(Evaluator):
         ids, n_bytes = cache["ids"], cache["bytes"]
 
         model = AutoModelForCausalLM.from_pretrained(
-            entry.folder, local_files_only=True, dtype=torch.float32
-        , use_safetensors=True)
+            entry.folder, local_files_only=True, dtype=torch.float32, use_safetensors=True
+        )
         model.to(self.device).eval()
         context_length = getattr(model.config, "max_position_embeddings", None) or cfg.window
         w = min(cfg.window, int(context_length))
@@ -117,10 +117,7 @@ def is_causal_lm(config: dict) -> bool:
         causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
         return any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     model_type = config.get("model_type")
-    return (
-        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    )
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def _token_ids(context: Context, max_tokens: int) -> tuple[list[int], int]:

@@ -99,9 +99,7 @@ def frontier_png(report: Report) -> bytes:
     shown = [p for p in report.points if math.isfinite(p.novelty) and math.isfinite(p.quality)]
     for label in dict.fromkeys(p.label for p in shown):
         group = [p for p in shown if p.label == label]
-        marker, size = {"original": ("X", 80), "candidate": ("*", 140)}.get(
-            group[0].kind, ("o", 30)
-        )
+        marker, size = {"original": ("X", 80), "candidate": ("*", 140)}.get(group[0].kind, ("o", 30))
         ax.scatter(
             [p.novelty for p in group],
             [p.quality for p in group],

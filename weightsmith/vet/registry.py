@@ -113,9 +113,7 @@ class Context:
         if not self.tensors:
             raise WeightsmithError("vet context", "no replaced tensors named")
         if not self.text.strip():
-            raise WeightsmithError(
-                self.text_source or "vet context", "the evaluation text is empty"
-            )
+            raise WeightsmithError(self.text_source or "vet context", "the evaluation text is empty")
 
     @property
     def text_sha256(self) -> str:
@@ -159,9 +157,7 @@ class Evaluator(ABC):
     metrics: ClassVar[dict[str, Better | None]]  # entry-level metrics; which way is better
     primary: ClassVar[str]  # the metric a report ranks entries by
 
-    def __init__(
-        self, config: EvaluatorConfig | Mapping[str, Any] | None = None, device: str = "cpu"
-    ):
+    def __init__(self, config: EvaluatorConfig | Mapping[str, Any] | None = None, device: str = "cpu"):
         self.device = device
         if isinstance(config, self.Config):
             self.config = config
@@ -194,9 +190,7 @@ class Evaluator(ABC):
 def get(name: str) -> type[Evaluator]:
     """The evaluator class registered as `name`."""
     if name not in EVALUATORS:
-        raise WeightsmithError(
-            f"evaluator {name!r}", f"unknown (choose from {', '.join(EVALUATORS)})"
-        )
+        raise WeightsmithError(f"evaluator {name!r}", f"unknown (choose from {', '.join(EVALUATORS)})")
     module, cls = EVALUATORS[name].split(":")
     # diffusers/transformers import lazily and are not safe to import from two threads at once
     # (flows run tasks in threads): "cannot import name 'DDIMScheduler'" was seen here.

@@ -192,8 +192,7 @@ class Report:
             f"- model: `{self.model}`",
             f"- text: `{t['source'] or '(unnamed)'}`, {t['bytes']} bytes, sha256 `{t['sha256']}`",
             f"- primary metric: `{self.primary}` ({self.better} is better)",
-            f"- replaced tensors: {len(self.tensors)}; evaluators: {', '.join(self.evaluators)} "
-            f"on {self.device}",
+            f"- replaced tensors: {len(self.tensors)}; evaluators: {', '.join(self.evaluators)} on {self.device}",
         ]
         if self.created is not None:
             lines.append(f"- created: {self.created}")
@@ -210,8 +209,7 @@ class Report:
         for g in self.groups:
             mean_novelty = _mean([novelty[e.id] for e in self.entries if e.label == g.label])
             lines.append(
-                f"| {g.label} | {g.kind} | {g.samples} | {_fmt(g.mean, 6)} | "
-                f"{_fmt(g.best, 6)} | {_fmt(mean_novelty)} |"
+                f"| {g.label} | {g.kind} | {g.samples} | {_fmt(g.mean, 6)} | {_fmt(g.best, 6)} | {_fmt(mean_novelty)} |"
             )
         lines += [
             "",
@@ -225,8 +223,7 @@ class Report:
             "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {p.id} | {p.kind} | {_fmt(p.novelty)} | {_fmt(p.quality, 6)} | "
-            f"{p.frontier or '–'} |"
+            f"| {p.id} | {p.kind} | {_fmt(p.novelty)} | {_fmt(p.quality, 6)} | {p.frontier or '–'} |"
             for p in self.points
         ]
         columns = [f"{n}/{m}" for n in self.evaluators for m in get(n).metrics]
@@ -259,9 +256,7 @@ class Report:
             ]
             for e in self.entries:
                 values = e.per_tensor.get("weight-stats", {}).get(hist.tensor, {})
-                lines.append(
-                    f"| {e.id} | " + " | ".join(_fmt(values.get(s, math.nan)) for s in stats) + " |"
-                )
+                lines.append(f"| {e.id} | " + " | ".join(_fmt(values.get(s, math.nan)) for s in stats) + " |")
         return "\n".join(lines) + "\n"
 
     def plots(self) -> dict[str, bytes]:
@@ -402,9 +397,7 @@ def baseline_label(generator: str, config: Mapping[str, Any] | None = None) -> s
     return f"{generator}({','.join(parts)})"
 
 
-def noise_radii(
-    novelties: Sequence[float], fixed: Sequence[float] = (0.01, 0.1, 1.0)
-) -> list[float]:
+def noise_radii(novelties: Sequence[float], fixed: Sequence[float] = (0.01, 0.1, 1.0)) -> list[float]:
     """The radii of the `noise` baseline for a report: fixed ones and the candidates' novelties.
 
     Novelties are rounded to 2 significant digits (so nearby candidates share a baseline);
@@ -482,10 +475,7 @@ def _verdicts(entries, groups, points, primary: str, better: str) -> list[Verdic
             sentence = f"candidate {e.id} beats {', '.join(beats)}; does not beat {', '.join(rest)}"
         p = at[e.id]
         if p.frontier == "beyond":
-            sentence += (
-                f". At novelty {_fmt(p.novelty)} it lies beyond the baselines' "
-                "quality-novelty frontier"
-            )
+            sentence += f". At novelty {_fmt(p.novelty)} it lies beyond the baselines' quality-novelty frontier"
             sentence += _only_by_novelty(p, points, better)
         elif p.frontier == "inside":
             rival = max(
@@ -560,9 +550,7 @@ def _finite(e: EntryResult, primary: str) -> bool:
 
 def _mean(values: list[float]) -> float:
     """The mean; NaN when empty or when any value is not finite."""
-    return (
-        math.fsum(values) / len(values) if values and all(map(math.isfinite, values)) else math.nan
-    )
+    return math.fsum(values) / len(values) if values and all(map(math.isfinite, values)) else math.nan
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -71,9 +71,7 @@ class WeightStats(Evaluator):
             original = cache["original", name]
             values = original if entry is context.original else entry.tensor(name)
             if values.shape != original.shape:
-                raise WeightsmithError(
-                    entry.id, f"{name} has shape {values.shape}, the original {original.shape}"
-                )
+                raise WeightsmithError(entry.id, f"{name} has shape {values.shape}, the original {original.shape}")
             if entry.examples is None and context.examples is None:
                 examples = original[None]  # (1, *shape): the original alone, already read
             else:
