@@ -25,7 +25,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-lint: $(STAMP)
+lint: $(STAMP)  # what .ci/run checks before the tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+import fixture_paths
 import pytest
 
 from weightsmith.seaweed import S3Server, start_s3_server
@@ -37,8 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch on shared 2-core ma
 os.environ.setdefault("WEIGHTSMITH_TASK_RETRIES", "1")  # failure tests need not wait for backoff
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
-# The fixtures live beside the repository (shared/ next to the clone), not inside it.
-FIXTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES_DIR = fixture_paths.FIXTURES  # inside the repository: tests/fixtures
 
 # Variables that would override or spoil the keys of the test identities.
 AWS_NOISE = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
@@ -46,13 +46,9 @@ AWS_NOISE = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFA
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """The shared fixture files; their absence is a broken checkout, so it fails, not skips."""
+    """The third-party fixture files; their absence is a broken checkout, so it fails, not skips."""
     if not FIXTURES_DIR.is_dir():
-        pytest.fail(
-            f"fixture directory {FIXTURES_DIR} is missing: clone the shared fixtures beside "
-            "the repository (shared/fixtures next to the checkout)",
-            pytrace=False,
-        )
+        pytest.fail(f"fixture directory {FIXTURES_DIR} is missing: the checkout is incomplete", pytrace=False)
     return FIXTURES_DIR
 
 

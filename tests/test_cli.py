@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fixture_paths
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -20,7 +21,7 @@ from weightsmith.cli import app
 from weightsmith.model import parse_model_url
 from weightsmith.verify import verify
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = fixture_paths.FIXTURES
 BAD = sorted(p.name for p in (FIXTURES / "bad").glob("*"))
 MINICPM = "safetensors/ollama_minicpm3_4b_model.safetensors"
 

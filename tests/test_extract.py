@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import fixture_paths
 import ml_dtypes
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from weightsmith.verify import verify
 
 pytestmark = pytest.mark.usefixtures("state_in_tmp")
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = fixture_paths.FIXTURES
 ROUND_TRIP = sorted(
     [str(p.relative_to(FIXTURES)) for p in FIXTURES.glob("safetensors/*.safetensors")]
     + [str(p.relative_to(FIXTURES)) for p in FIXTURES.glob("gptq/*.safetensors")]

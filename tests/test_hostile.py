@@ -27,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import fixture_paths
 import gguf
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ from weightsmith.upkeep import gc, list_models
 from weightsmith.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = fixture_paths.FIXTURES
 SAMPLE = FIXTURES / "safetensors" / "hf_samples_overall.safetensors"
 HOSTILE_NAMES = [
     "..",

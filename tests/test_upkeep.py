@@ -14,6 +14,7 @@ from collections import namedtuple
 from dataclasses import asdict
 from pathlib import Path
 
+import fixture_paths
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -27,7 +28,7 @@ from weightsmith.store import Store
 from weightsmith.upkeep import check_free_space, estimate_output_bytes, gc, list_models
 from weightsmith.verify import verify
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = fixture_paths.FIXTURES
 SMALL = FIXTURES / "safetensors" / "hf_samples_overall.safetensors"  # 9 tensors, 702 bytes
 MINICPM = FIXTURES / "safetensors" / "ollama_minicpm3_4b_model.safetensors"  # 15 tensors, 400 KB
 LORA = FIXTURES / "safetensors" / "diffusers_sd_pokemon_lora.safetensors"  # 3.2 MB

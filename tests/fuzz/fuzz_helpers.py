@@ -7,9 +7,9 @@ import os
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
+import fixture_paths
 from hypothesis import HealthCheck, event, settings
 from hypothesis.control import currently_in_test_context
 
@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 EXAMPLES = int(os.environ.get("WEIGHTSMITH_FUZZ_EXAMPLES") or 0)
 MEMORY_CAP = 64 << 20  # traced bytes one parse (or open_source) may peak at
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+FIXTURES = fixture_paths.FIXTURES
 
 
 def fuzz_settings(ci_examples: int) -> settings:

@@ -12,6 +12,7 @@ import random
 import struct
 from pathlib import Path
 
+import fixture_paths
 import gguf
 import numpy as np
 import pytest
@@ -23,8 +24,7 @@ from weightsmith.ranged import open_reader
 from weightsmith.sources.base import TensorEntry
 from weightsmith.sources.gguf import dequantize, metadata_json, parse_gguf
 
-# The repo sits beside shared/ (here /work/main and /work/shared; in CI wherever it is cloned).
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+FIXTURES = fixture_paths.FIXTURES
 TINY_LLAMA = FIXTURES / "gguf" / "ollama_llama-2-tiny-random.gguf"
 MULTIQUANT = FIXTURES / "gguf" / "derived_multiquant_real_blocks.gguf"
 

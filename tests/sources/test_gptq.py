@@ -10,6 +10,7 @@ import json
 import struct
 from pathlib import Path
 
+import fixture_paths
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +22,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.sources.base import GptqGroup, TensorEntry
 from weightsmith.sources.gptq import dequantize, find_groups
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "gptq"
+FIXTURES = fixture_paths.FIXTURES / "gptq"
 REAL = ["falcon3_1b_int4", "falcon3_1b_int8", "llama_3_2_1b_int4", "llama_3_2_1b_gptqmodel_int8"]
 PREFIX = "model.layers.0.mlp.gate_proj"
 GOLDEN = f"{PREFIX}.weight_dequant_in_out"
