@@ -183,7 +183,7 @@ def sd15_dir(out: Path) -> tuple[Path | None, str]:
     t0 = time.perf_counter()
     code = (
         "import sys; from pathlib import Path; "
-        "from weightsmith.tiny_pipelines import build_sd15_like; "
+        "from weightsmith.demo.tiny_pipelines import build_sd15_like; "
         "build_sd15_like(Path(sys.argv[1]))"
     )
     subprocess.run([sys.executable, "-c", code, str(partial)], check=True, cwd=c.ROOT)

@@ -23,10 +23,10 @@ from urllib.parse import unquote, urlsplit
 import fixture_paths
 import pytest
 
-from weightsmith.seaweed import S3Server, start_s3_server
+from weightsmith.dev.seaweed import S3Server, start_s3_server
 
 if TYPE_CHECKING:
-    from weightsmith.devstack import DevStack
+    from weightsmith.dev.stack import DevStack
 
 # Nothing a test run writes lands outside a temporary folder: the state folder (default store,
 # PREFECT_HOME) of every test that does not pick its own is a fresh one per session.

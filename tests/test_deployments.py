@@ -1,5 +1,5 @@
 """The `extract-model/cpu` deployment, end to end on a real local stack: a Prefect server and a
-`cpu` process worker on 127.0.0.1 (weightsmith.devstack), deployed with deployments/deploy.py
+`cpu` process worker on 127.0.0.1 (weightsmith.dev.stack), deployed with deployments/deploy.py
 and run with `prefect deployment run`. The flow reads the model from S3 and writes the same
 manifest into the store as the library does, and `down` leaves no process behind.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from weightsmith import devstack
-from weightsmith.devstack import DevStack
+from weightsmith.dev import stack as devstack
+from weightsmith.dev.stack import DevStack
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import MANIFEST, ModelRef, parse_model_url
 from weightsmith.store import Store

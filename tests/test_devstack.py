@@ -20,9 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from weightsmith import devstack
-from weightsmith.devstack import Component, DevStack
-from weightsmith.seaweed import Ports, s3_client
+from weightsmith.dev import stack as devstack
+from weightsmith.dev.seaweed import Ports, s3_client
+from weightsmith.dev.stack import Component, DevStack
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = {
@@ -46,14 +46,9 @@ def clean_env(home: Path) -> dict[str, str]:
 
 
 def dev_cli(*args: str, home: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`weightsmith dev ...` in a subprocess, through the main CLI once `dev` is registered
-    there, else through the sub-app's own entry point."""
-    from weightsmith import cli
-
-    registered = any(group.name == "dev" for group in cli.app.registered_groups)
-    module = ["weightsmith.cli", "dev"] if registered else ["weightsmith.cli_dev"]
+    """`weightsmith dev ...` in a subprocess, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", *module, *args],
+        [sys.executable, "-m", "weightsmith.cli", "dev", *args],
         cwd=ROOT,
         env=clean_env(home),
         capture_output=True,

@@ -1,5 +1,5 @@
 """Load: 20 models extracted at once through the `extract-model/cpu` deployment and the `cpu`
-process worker of a real local stack (weightsmith.devstack: Prefect server, worker, SeaweedFS),
+process worker of a real local stack (weightsmith.dev.stack: Prefect server, worker, SeaweedFS),
 every manifest verified afterwards.
 
 All 20 runs are created at once. The `cpu` pool gets a concurrency limit (POOL_LIMIT): the
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from weightsmith import devstack
-from weightsmith.devstack import DevStack
+from weightsmith.dev import stack as devstack
+from weightsmith.dev.stack import DevStack
 from weightsmith.model import MANIFEST, parse_model_url
 from weightsmith.verify import verify
 

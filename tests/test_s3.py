@@ -12,11 +12,11 @@ import pytest
 import s3fs
 from safetensors.numpy import save_file
 
+from weightsmith.dev.seaweed import S3Server
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import parse_model_url
 from weightsmith.ranged import open_reader, s3_options
 from weightsmith.restore import restore
-from weightsmith.seaweed import S3Server
 from weightsmith.sources import open_source
 from weightsmith.sources.safetensors import parse_safetensors
 from weightsmith.verify import verify

@@ -39,8 +39,8 @@ from flows.artifacts import publish_model_artifacts
 from flows.extract import extract_model
 from flows.pipeline import weightsmith_pipeline
 from flows.predict import dispatch_predict
+from weightsmith.dev.seaweed import S3Server
 from weightsmith.model import parse_model_url
-from weightsmith.seaweed import S3Server
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("prefect_harness")]
 

@@ -14,8 +14,8 @@ import fsspec
 import pytest
 from botocore.exceptions import ClientError
 
+from weightsmith.dev.seaweed import S3Server, grpc_socket_paths, s3_client, start_s3_server
 from weightsmith.ranged import s3_options
-from weightsmith.seaweed import S3Server, grpc_socket_paths, s3_client, start_s3_server
 
 if TYPE_CHECKING:
     from conftest import RangeHTTPServer

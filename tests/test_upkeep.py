@@ -19,13 +19,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from weightsmith import cli_upkeep, upkeep
+from weightsmith import space, upkeep
+from weightsmith.cli import upkeep as cli_upkeep
 from weightsmith.errors import WeightsmithError
 from weightsmith.extract import ExtractOptions, ExtractResult, extract
 from weightsmith.model import MANIFEST, ModelRef, parse_model_url
 from weightsmith.restore import restore
+from weightsmith.space import check_free_space, estimate_output_bytes
 from weightsmith.store import Store
-from weightsmith.upkeep import check_free_space, estimate_output_bytes, gc, list_models
+from weightsmith.upkeep import gc, list_models
 from weightsmith.verify import verify
 
 FIXTURES = fixture_paths.FIXTURES
@@ -398,7 +400,7 @@ def test_estimate_extract_bytes_covers_what_extract_writes(tmp_path: Path, fixtu
 
     options = ExtractOptions(store=str(tmp_path / "store"))
     source = open_source(str(FIXTURES / fixture))
-    estimate = upkeep.estimate_extract_bytes(source, plan(source, options), "all")
+    estimate = space.estimate_extract_bytes(source, plan(source, options), "all")
     stored = du(model_dir(parse_model_url(extract(str(FIXTURES / fixture), options).model_url)))
     assert stored <= estimate <= 2 * stored + (2 << 20)
 

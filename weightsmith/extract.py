@@ -581,7 +581,7 @@ class ExtractPlan:
 
 def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPlan]:
     """Check the input before anything is written: parse headers, plan, probe the store."""
-    from weightsmith.upkeep import check_free_space, estimate_extract_bytes
+    from weightsmith.space import check_free_space, estimate_extract_bytes
 
     source = open_source(source_url)
     units = plan(source, options)

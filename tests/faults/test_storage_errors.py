@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from fault_helpers import count_whole_tensors, write_model
 
+from weightsmith.dev.seaweed import S3Server
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import parse_model_url
-from weightsmith.seaweed import S3Server
 from weightsmith.store import Store, arrays
 from weightsmith.verify import verify
 

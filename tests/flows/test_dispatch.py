@@ -1,4 +1,4 @@
-"""The predict dispatcher against a real Prefect server and real workers (weightsmith.devstack).
+"""The predict dispatcher against a real Prefect server and real workers (weightsmith.dev.stack).
 
 No `gpu` worker -> the run goes to the `cpu` pool; a `gpu`-pool worker (DEVICE=cpu, since CI has
 no GPU) -> the `gpu` pool; a gpu run that does not finish within the timeout is cancelled and
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_deployments import client_env, processes_of, run
-from weightsmith import devstack
+from weightsmith.dev import stack as devstack
 from weightsmith.extract import ExtractOptions, extract
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """Tests for the `img2img` generator (weightsmith.generators.img2img).
 
 The pipeline is a real `StableDiffusionImg2ImgPipeline`, tiny and randomly initialised from
-config (weightsmith.tiny_pipelines) and saved in a temporary folder; the tensor is a real
+config (weightsmith.demo.tiny_pipelines) and saved in a temporary folder; the tensor is a real
 Stable Diffusion UNet LoRA weight. A random VAE does not reproduce its input, so the tests
 check the plumbing (shapes, seeds, chunks, exactness of the float path, errors), not quality.
 Everything runs on CPU with the network shut: HF_HUB_OFFLINE is set and sockets refuse to
@@ -21,10 +21,10 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder
 from safetensors.numpy import load_file
 
 from weightsmith.codec import chunk_region, decode, encode, from_image, to_image
+from weightsmith.demo.tiny_pipelines import build_tiny_img2img
 from weightsmith.errors import WeightsmithError
 from weightsmith.generators import Examples, SampleSpec, State, get
 from weightsmith.generators.img2img import PIXELS, Img2Img
-from weightsmith.tiny_pipelines import build_tiny_img2img
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -195,11 +195,10 @@ def test_a_json_manifest_over_http(http_server, fixtures_dir: Path) -> None:
 
 
 def cli(*args: str):
-    from weightsmith.cli import user_errors
-    from weightsmith.cli_leaderboard import leaderboard
+    from weightsmith.cli.leaderboard import leaderboard
 
     app = typer.Typer(add_completion=False)
-    app.command("leaderboard")(user_errors(leaderboard))
+    app.command("leaderboard")(leaderboard)
     app.command("other")(lambda: None)  # two commands: typer keeps the command name
     return CliRunner().invoke(app, ["leaderboard", *args])
 
@@ -218,7 +217,7 @@ def _api(api_url: str, path: str):
 
 @pytest.mark.slow
 def test_the_daily_deployment_processes_a_manifest(tmp_path: Path, fixtures_dir: Path) -> None:
-    from weightsmith import devstack
+    from weightsmith.dev import stack as devstack
 
     home = tmp_path / "home"
     store = str(tmp_path / "store")

@@ -8,7 +8,6 @@
    assemble -> vet on held-out text) for two layer groups, and print the report. The generators
    fit same-shape tensors jointly (`joint`): all LayerNorm vectors as one (n, width) stack.
 `--size tiny` runs the same steps on a smaller model in under two minutes.
-Also here: `build_gpt2`, random GPT-2-shaped models for benchmarks.
 """
 
 from __future__ import annotations
@@ -16,16 +15,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from weightsmith import state
 
-SIZES = {
-    # name: (layers, width, heads, vocab, context) of random GPT-2-shaped models (benchmarks)
-    "tiny": (2, 64, 2, 256, 128),
-    "small": (4, 256, 4, 50257, 256),
-    "gpt2-small": (12, 768, 12, 50257, 1024),  # 124M parameters, as GPT-2 small
-}
+if TYPE_CHECKING:
+    from weightsmith.pipeline import PipelineOptions, PipelineResult
+
+PipelineRunner = Callable[[str, "PipelineOptions"], "PipelineResult"]  # (source, options) -> result
+
 
 # Per demo size: zoo checkpoints, steps between them, and the generators' options.
 DEMO = {
@@ -69,34 +68,19 @@ LAYER_GROUPS = (
 )
 
 
-def build_gpt2(folder: Path, layers: int, width: int, heads: int, vocab: int, context: int, seed: int = 0) -> Path:
-    """Save a randomly initialised GPT2LMHeadModel (safetensors + config.json) in `folder`."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
+def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunner | None = None) -> dict:
+    """Train (once), collect a zoo (once), run the pipeline, print the report; returns a summary.
 
-    hf_logging.disable_progress_bar()
-    folder = Path(folder)
-    if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
-        return folder
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=context)
-    model = GPT2LMHeadModel(config)
-    tmp = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(folder)
-    return folder
-
-
-def run_demo(store: str, size: str = "full", console=None, use_prefect: bool = True) -> dict:
-    """Train (once), collect a zoo (once), run the pipeline, print the report; returns a summary."""
+    `runner(source, options)` runs the pipeline: the library's `run_pipeline` by default (no
+    Prefect); the CLI passes one that runs the `weightsmith-pipeline` flow.
+    """
     import torch
     from transformers.utils import logging as hf_logging
 
+    from weightsmith.demo.train import SPECS, collect_zoo, train_lm
     from weightsmith.errors import WeightsmithError
     from weightsmith.pipeline import PipelineOptions, run_pipeline
     from weightsmith.store import Store
-    from weightsmith.train import SPECS, collect_zoo, train_lm
     from weightsmith.zoo import read_zoo, write_zoo
 
     if size not in DEMO:
@@ -150,23 +134,9 @@ def run_demo(store: str, size: str = "full", console=None, use_prefect: bool = T
         text=str(folder / "heldout.txt"),
         images="preview",
     )
-    if use_prefect:
-        state.configure_prefect()
-        from flows.pipeline import weightsmith_pipeline
-
-        out = weightsmith_pipeline(
-            source=str(folder),
-            **{
-                **options,
-                "layers": [list(g) for g in LAYER_GROUPS],
-                "stages": list(options["stages"]),
-                "generators": list(options["generators"]),
-            },
-        )
-        model_url, reports, verdicts = out["model_url"], out["reports"], out["verdicts"]
-    else:
-        result = run_pipeline(str(folder), PipelineOptions(**options), say=lambda m: None)
-        model_url, reports, verdicts = result.model_url, result.reports, result.summary
+    runner = runner or (lambda source, opts: run_pipeline(source, opts, say=lambda m: None))
+    result = runner(str(folder), PipelineOptions(**options))
+    model_url, reports, verdicts = result.model_url, result.reports, result.summary
     _print_reports(store_obj, reports, say)
     summary = {"model_url": model_url, "reports": reports, "seconds": round(time.time() - started, 1)}
     say("\n".join(["", "verdicts:", *[f"  {v}" for v in verdicts]]))

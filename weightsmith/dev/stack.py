@@ -2,7 +2,7 @@
 
 `up(home)` starts, under `<home>/dev/`:
 
-- SeaweedFS (`weed mini`, see weightsmith.seaweed) with an identity file, data in `dev/s3`,
+- SeaweedFS (`weed mini`, see weightsmith.dev.seaweed) with an identity file, data in `dev/s3`,
   and the bucket `weightsmith`;
 - `prefect server start` on 127.0.0.1 (SQLite and PREFECT_HOME in `dev/prefect`);
 - the work pools `cpu` and `gpu` (type process) and a worker for `cpu`, plus one for `gpu`
@@ -40,8 +40,8 @@ from typing import Any
 
 import psutil
 
-from weightsmith.errors import WeightsmithError
-from weightsmith.seaweed import (
+from weightsmith.dev import processes
+from weightsmith.dev.seaweed import (
     DEFAULT_REGION,
     Ports,
     S3Server,
@@ -50,6 +50,7 @@ from weightsmith.seaweed import (
     s3_client,
     start_s3_server,
 )
+from weightsmith.errors import WeightsmithError
 
 log = logging.getLogger(__name__)
 
@@ -245,18 +246,9 @@ def _spawn(name: str, command: list[str], env: dict[str, str], home: Path) -> Co
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         out.write(f"--- {_now()} {shlex.join(command)}\n".encode())
-        out.flush()
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=dev_dir(home),
-            env=env,
-            # Own session: `down` signals the whole group, and Ctrl+C in the terminal that ran
-            # `dev up` does not reach the stack.
-            start_new_session=True,
-        )
+    # Own session: `down` signals the whole group, and Ctrl+C in the terminal that ran `dev up`
+    # does not reach the stack.
+    process = processes.spawn(command, log, cwd=dev_dir(home), env=env)
     return Component(name, process.pid, _start_time(process.pid) or 0.0, str(log))
 
 
@@ -293,16 +285,7 @@ def _process(component: Component) -> psutil.Process | None:
         process = psutil.Process(component.pid)
     except psutil.Error:
         return None
-    return process if _running(process) else None
-
-
-def _running(process: psutil.Process) -> bool:
-    # Orphans whose parent is an init that does not reap (as in some containers) stay zombies:
-    # they are dead all the same.
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return process if processes.running(process) else None
 
 
 def alive(component: Component) -> bool:
@@ -316,23 +299,12 @@ def _family(component: Component) -> list[psutil.Process]:
     members = [leader] if leader is not None else []
     if leader is None and _same_start(component) is False:
         return []  # the pid is someone else's now; no group of ours can carry it any more
-    members += [p for p in _group_members(component.pid) if leader is None or p.pid != leader.pid]
+    members += [p for p in processes.group_members(component.pid) if leader is None or p.pid != leader.pid]
     family = {p.pid: p for p in members}
     for p in members:
         with contextlib.suppress(psutil.Error):
-            family.update({c.pid: c for c in p.children(recursive=True) if _running(c)})
+            family.update({c.pid: c for c in p.children(recursive=True) if processes.running(c)})
     return list(family.values())
-
-
-def _group_members(pgid: int) -> list[psutil.Process]:
-    """Live processes of a process group. The kernel does not give a group's id to a new
-    process while the group has members, so these are ours even when the leader is gone."""
-    members = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(process.pid) == pgid and _running(process):
-                members.append(process)
-    return members
 
 
 def _stop(components: Iterable[Component], timeout: float = STOP_TIMEOUT) -> list[str]:
@@ -340,13 +312,13 @@ def _stop(components: Iterable[Component], timeout: float = STOP_TIMEOUT) -> lis
     `timeout`. Returns the names of the components that had something running."""
     families = {c.name: _family(c) for c in components}
     targets = [p for family in families.values() for p in family]
-    _signal_all(targets, signal.SIGTERM)
-    survivors = _wait_gone(targets, time.monotonic() + timeout)
+    processes.signal_all(targets, signal.SIGTERM)
+    survivors = processes.wait_gone(targets, time.monotonic() + timeout)
     if survivors:
         names = ", ".join(f"{p.pid} {_name(p)}" for p in survivors)
         log.warning("still running %.0f s after SIGTERM, killing: %s", timeout, names)
-        _signal_all(survivors, signal.SIGKILL)
-        survivors = _wait_gone(survivors, time.monotonic() + 10.0)
+        processes.signal_all(survivors, signal.SIGKILL)
+        survivors = processes.wait_gone(survivors, time.monotonic() + 10.0)
     if survivors:
         pids = ", ".join(str(p.pid) for p in survivors)
         raise WeightsmithError("dev down", f"processes {pids} survived SIGKILL")
@@ -358,31 +330,6 @@ def _name(process: psutil.Process) -> str:
         return " ".join(process.cmdline())[:120]
     except psutil.Error:
         return "?"
-
-
-def _signal_all(processes: list[psutil.Process], sig: int) -> None:
-    for process in processes:
-        # psutil checks that the pid still belongs to the same process before signalling.
-        with contextlib.suppress(psutil.Error):
-            process.send_signal(sig)
-
-
-def _wait_gone(processes: list[psutil.Process], deadline: float) -> list[psutil.Process]:
-    """Wait until none runs (reaping our own children); returns those still running."""
-    while True:
-        for process in processes:
-            _reap(process.pid)
-        left = [p for p in processes if _running(p)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,28 +597,25 @@ def _prefect_env(stack: DevStack, env: dict[str, str]) -> dict[str, str]:
 def _create_pools(stack: DevStack, env: dict[str, str]) -> None:
     """`prefect work-pool create` for each pool, in parallel (each command takes seconds)."""
     log = dev_dir(stack.home) / "logs" / "pools.log"
-    with open(log, "ab") as out:
-        processes = [
-            subprocess.Popen(
-                _prefect("work-pool", "create", pool, "--type", "process", "--overwrite"),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=_prefect_env(stack, env),
-                cwd=dev_dir(stack.home),
-                start_new_session=True,
-            )
-            for pool in POOLS
-        ]
-        try:
-            codes = [p.wait(timeout=POOL_TIMEOUT) for p in processes]
-        except subprocess.TimeoutExpired:
-            codes = [None]
-        finally:
-            for p in processes:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    creators = [
+        processes.spawn(
+            _prefect("work-pool", "create", pool, "--type", "process", "--overwrite"),
+            log,
+            cwd=dev_dir(stack.home),
+            env=_prefect_env(stack, env),
+        )
+        for pool in POOLS
+    ]
+    try:
+        codes = [p.wait(timeout=POOL_TIMEOUT) for p in creators]
+    except subprocess.TimeoutExpired:
+        codes = [None]
+    finally:
+        for p in creators:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     if any(code != 0 for code in codes):
         raise WeightsmithError("dev up", f"could not create the work pools; see {log}")
 

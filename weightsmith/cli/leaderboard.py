@@ -1,6 +1,6 @@
 """`weightsmith leaderboard`: process the models of a leaderboard that the catalogue has not seen.
 
-Registered in `weightsmith.cli` as `app.command("leaderboard")(user_errors(leaderboard))`.
+Registered in `weightsmith.cli.main`.
 By default it runs the `leaderboard-batch` flow (embedded Prefect); `--no-prefect` runs the
 library loop with the extract stage alone; `--dry-run` lists what a batch would do.
 """
@@ -13,9 +13,11 @@ from typing import Annotated
 import typer
 
 from weightsmith import catalog, state
+from weightsmith.cli.common import build_options, err, out, quiet_prefect, user_errors
 from weightsmith.errors import WeightsmithError
 
 
+@user_errors
 def leaderboard(
     source: Annotated[
         str,
@@ -62,7 +64,6 @@ def leaderboard(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Process the models of a leaderboard that are new to the store's catalog.json."""
-    from weightsmith.cli import _options, err, out
     from weightsmith.leaderboard import (
         SourceQuery,
         extract_only,
@@ -73,7 +74,7 @@ def leaderboard(
 
     if source != "hf-hub" and (filter or endpoint):
         raise WeightsmithError("--filter" if filter else "--endpoint", "applies to --source hf-hub only")
-    query = _options(SourceQuery, filter=filter, sort=sort, limit=limit, endpoint=endpoint)
+    query = build_options(SourceQuery, filter=filter, sort=sort, limit=limit, endpoint=endpoint)
     store = store or state.default_store()
     chosen = [s.strip() for item in stages or [] for s in item.split(",") if s.strip()] or None
 
@@ -106,9 +107,7 @@ def leaderboard(
         summary = run_batch(decisions, store, extract_only(store), backoff).to_dict()
     else:
         state.configure_prefect()
-        from weightsmith.cli import _quiet_prefect
-
-        _quiet_prefect()
+        quiet_prefect()
         from flows.leaderboard import leaderboard_batch
 
         summary = leaderboard_batch(

@@ -6,52 +6,32 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import time
-from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from weightsmith import state
+from weightsmith.cli.common import JsonOpt, StoreOpt, user_errors
 from weightsmith.errors import WeightsmithError
 
-StoreOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--store",
-        help="Store URL: a folder or s3://bucket/prefix (default: the state folder's store).",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>s|m|h|d|w)?")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def _user_errors(fn: Callable) -> Callable:
-    """weightsmith.cli.user_errors, imported when called: weightsmith.cli imports this module."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from weightsmith.cli import user_errors
-
-        return user_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-@_user_errors
+@user_errors
 def ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """List the models in the store: status, tensors, size, last run, predictions."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from weightsmith.space import format_bytes
     from weightsmith.store import Store
-    from weightsmith.upkeep import format_bytes, list_models
+    from weightsmith.upkeep import list_models
 
     the_store = Store(store or state.default_store())
     models = list_models(the_store)
@@ -85,7 +65,7 @@ def ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     )
 
 
-@_user_errors
+@user_errors
 def gc(
     store: StoreOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be deleted.")] = False,
@@ -95,8 +75,8 @@ def gc(
     as_json: JsonOpt = False,
 ) -> None:
     """Delete leftovers of unfinished runs and artifacts no manifest names (not complete models)."""
+    from weightsmith.space import format_bytes
     from weightsmith.store import Store
-    from weightsmith.upkeep import format_bytes
     from weightsmith.upkeep import gc as run_gc
 
     seconds = parse_duration(older_than)

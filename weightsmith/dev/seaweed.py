@@ -16,7 +16,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -26,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from weightsmith.dev import processes
 
 DEFAULT_REGION = "us-east-1"
 GRPC_OFFSET = 10000
@@ -106,13 +107,13 @@ class S3Server:
         """Whether the server process is still alive."""
         if self._process is not None:
             return self._process.poll() is None
-        return _group_alive(self.pid)
+        return processes.group_alive(self.pid)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server and everything in its process group; kill it after `timeout`."""
-        stop_pid(self.pid, timeout=timeout)
+        processes.stop_group(self.pid, timeout=timeout)
         if self._process is not None:
-            # stop_pid reaped the child already; poll() records that so Popen does not warn.
+            # stop_group reaped the child already; poll() records that so Popen does not warn.
             self._process.poll()
         remove_grpc_sockets(self.ports)
 
@@ -315,17 +316,9 @@ def _start_once(
     write_identities(config, admin, readonly)
     command = weed_command(weed_binary(), data_dir, log_dir, config, ports, _socket_dir(state_dir))
     started = time.monotonic()
-    with open(log_dir / "weed.out", "ab") as out:
-        # Own session: stop() signals the whole group, and Ctrl+C in a terminal running the
-        # tests does not reach the server half-way through a fixture's teardown.
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=state_dir,
-            start_new_session=True,
-        )
+    # Own session: stop() signals the whole group, and Ctrl+C in a terminal running the tests
+    # does not reach the server half-way through a fixture's teardown.
+    process = processes.spawn(command, log_dir / "weed.out", cwd=state_dir)
     server = S3Server(
         endpoint=f"http://127.0.0.1:{ports.s3}",
         access_key=admin[0],
@@ -408,78 +401,3 @@ def log_tail(log_dir: Path, lines: int = 30) -> str:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {path} ---\n" + "\n".join(text))
     return "\n".join(parts) or f"(no logs in {log_dir})"
-
-
-def stop_pid(pid: int, timeout: float = 15.0) -> None:
-    """Stop the process group led by `pid`: SIGTERM, then SIGKILL after `timeout` seconds.
-
-    Works for our own children (reaps them) and for a pid read back from a file by a later
-    process (`weightsmith dev down`). Returns once no process of the group is left.
-    """
-    if not _signal_group(pid, signal.SIGTERM):
-        _reap(pid)
-        return
-    if _wait_group_gone(pid, time.monotonic() + timeout):
-        return
-    _signal_group(pid, signal.SIGKILL)
-    if not _wait_group_gone(pid, time.monotonic() + 10.0):
-        raise RuntimeError(f"process group {pid} survived SIGKILL")
-
-
-def _signal_group(pid: int, sig: int) -> bool:
-    """Send `sig` to the group; False when no process of the group exists."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _wait_group_gone(pid: int, deadline: float) -> bool:
-    """Wait until no process of the group is left; reap the leader if it is our child."""
-    while True:
-        # A zombie child still counts as a group member for killpg, so reap it first.
-        _reap(pid)
-        if not _group_alive(pid):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child, or already reaped
-
-
-def _group_alive(pid: int) -> bool:
-    """True while a member of the process group runs. Zombies do not count: in containers whose
-    PID 1 reaps no orphans, a stopped server started by an earlier process stays a zombie."""
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    import psutil
-
-    members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pid]
-    return any(_status(p) != psutil.STATUS_ZOMBIE for p in members) if members else False
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def _status(process) -> str:
-    import psutil
-
-    try:
-        return process.status()
-    except psutil.Error:
-        return psutil.STATUS_ZOMBIE

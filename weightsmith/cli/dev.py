@@ -1,4 +1,4 @@
-"""`weightsmith dev up|status|down`: the local stack without Docker (see weightsmith.devstack).
+"""`weightsmith dev up|status|down`: the local stack without Docker (see weightsmith.dev.stack).
 
 `dev up` prints `export` lines on stdout (so `eval "$(weightsmith dev up)"` works) and a short
 summary on stderr. `dev status` exits with 1 when the stack is not running or not healthy.
@@ -6,15 +6,14 @@ summary on stderr. `dev status` exits with 1 when the stack is not running or no
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from weightsmith import state
+from weightsmith.cli.common import user_errors
 
 dev_app = typer.Typer(
     add_completion=False,
@@ -24,24 +23,12 @@ dev_app = typer.Typer(
 )
 
 
-def _user_errors(fn: Callable) -> Callable:
-    """weightsmith.cli.user_errors, imported when called: weightsmith.cli imports this module."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from weightsmith.cli import user_errors
-
-        return user_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
 def _say(text: str = "") -> None:
     print(text, file=sys.stderr)
 
 
 @dev_app.command("up")
-@_user_errors
+@user_errors
 def up_command(
     gpu_worker: Annotated[
         bool | None,
@@ -52,7 +39,7 @@ def up_command(
     ] = None,
 ) -> None:
     """Start S3, the Prefect server and workers; print the variables to export."""
-    from weightsmith import devstack
+    from weightsmith.dev import stack as devstack
 
     home = state.home()
     if sys.stderr.isatty():
@@ -70,12 +57,12 @@ def up_command(
 
 
 @dev_app.command("status")
-@_user_errors
+@user_errors
 def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show each component: pid, alive, health check. Exit status 1 unless all are healthy."""
-    from weightsmith import devstack
+    from weightsmith.dev import stack as devstack
 
     report = devstack.status(state.home())
     if as_json:
@@ -93,17 +80,13 @@ def status_command(
 
 
 @dev_app.command("down")
-@_user_errors
+@user_errors
 def down_command() -> None:
     """Stop every process the stack started (flow runs included); data stays in dev/."""
-    from weightsmith import devstack
+    from weightsmith.dev import stack as devstack
 
     stopped = devstack.down(state.home())
     if not stopped:
         _say(f"nothing running in {state.home() / 'dev'}")
     for name in stopped:
         print(f"stopped {name}")
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m weightsmith.cli_dev`
-    dev_app()

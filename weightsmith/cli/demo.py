@@ -1,0 +1,38 @@
+"""`demo`: the main job on the embedded default (local file store, Prefect with no server)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from weightsmith import state
+from weightsmith.cli.common import NoPrefectOpt, StoreOpt, err, user_errors
+
+
+@user_errors
+def demo(
+    store: StoreOpt = None,
+    size: Annotated[str, typer.Option(help="full (about 10 minutes first, cached after) or tiny.")] = "full",
+    no_prefect: NoPrefectOpt = False,
+) -> None:
+    """The main job: train a small GPT-2 offline, collect a zoo, run the pipeline, print the report."""
+    from weightsmith.demo.run import run_demo
+
+    run_demo(store or state.default_store(), size=size, console=err, runner=None if no_prefect else _flow_runner)
+
+
+def _flow_runner(source: str, options):
+    """Run the pipeline as the `weightsmith-pipeline` flow (embedded Prefect)."""
+    from weightsmith.pipeline import PipelineResult
+
+    state.configure_prefect()
+    from flows.pipeline import weightsmith_pipeline
+
+    parameters = options.model_dump()
+    parameters["layers"] = [list(g) for g in options.layers]
+    parameters["stages"] = list(options.stages)
+    parameters["generators"] = list(options.generators)
+    parameters["noise_radii"] = list(options.noise_radii)
+    out = weightsmith_pipeline(source=source, **parameters)
+    return PipelineResult(model_url=out["model_url"], run_id="", reports=out["reports"], summary=out["verdicts"])
