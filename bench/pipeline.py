@@ -46,13 +46,13 @@ def main() -> int:
 
     from prefect import flow
 
-    from flows.extract import extract_model
+    from weightsmith_flows.extract import extract_model
 
     @flow
     def noop() -> int:
         return 1
 
-    from flows.runners import embedded_settings
+    from weightsmith_flows.runners import embedded_settings
 
     with embedded_settings():  # as `weightsmith extract` runs it: no heartbeat thread to join
         t0 = time.perf_counter()

@@ -13,13 +13,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.artifacts import publish_model_artifacts
-from flows.runners import make_runner
-from tasks import extract as t
-from tasks.credentials import use_credentials
 from weightsmith import lease, state
 from weightsmith.extract import ExtractOptions, biggest_first, new_run_id, run_facts, with_generation
 from weightsmith.model import parse_model_url
+from weightsmith_flows.artifacts import publish_model_artifacts
+from weightsmith_flows.runners import make_runner
+from weightsmith_tasks import extract as t
+from weightsmith_tasks.credentials import use_credentials
 
 
 @flow(name="extract-model", task_runner=make_runner("threads"), validate_parameters=True)

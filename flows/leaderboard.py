@@ -22,17 +22,17 @@ from prefect.deployments import run_deployment
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks import leaderboard as t
-from tasks.credentials import use_credentials
 from weightsmith import catalog, state
 from weightsmith.errors import WeightsmithError
 from weightsmith.leaderboard import ModelEntry, SourceQuery, summarize
+from weightsmith_tasks import leaderboard as t
+from weightsmith_tasks.credentials import use_credentials
 
 # Pipeline flows by name: (module, function). `extract-model` takes no `stages` parameter and
 # runs the extract stage only.
 PIPELINES = {
-    "weightsmith-pipeline": ("flows.pipeline", "weightsmith_pipeline"),
-    "extract-model": ("flows.extract", "extract_model"),
+    "weightsmith-pipeline": ("weightsmith_flows.pipeline", "weightsmith_pipeline"),
+    "extract-model": ("weightsmith_flows.extract", "extract_model"),
 }
 FIXED_STAGES = {"extract-model": ["extract"]}
 STAGES = ("extract", "weight-stats", "predict", "lm-eval")  # the pipeline's stages

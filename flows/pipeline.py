@@ -11,12 +11,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.artifacts import _key
-from flows.extract import extract_model
-from tasks import pipeline as t
-from tasks.credentials import use_credentials
 from weightsmith import state
 from weightsmith.pipeline import PipelineOptions, check, predictions_plan, run_id_for
+from weightsmith_flows.artifacts import _key
+from weightsmith_flows.extract import extract_model
+from weightsmith_tasks import pipeline as t
+from weightsmith_tasks.credentials import use_credentials
 
 
 @flow(name="weightsmith-pipeline", persist_result=True)

@@ -16,11 +16,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
-from tasks import predict as t
-from tasks.credentials import use_credentials
 from weightsmith.extract import new_run_id
 from weightsmith.model import parse_model_url
 from weightsmith.predict import PREDICTION, PredictOptions
+from weightsmith_tasks import predict as t
+from weightsmith_tasks.credentials import use_credentials
 
 DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
 

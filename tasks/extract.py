@@ -10,22 +10,14 @@ import time
 from functools import lru_cache
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.credentials import use_credentials
-from tasks.policy import RETRIES, RETRY_DELAYS, RETRY_JITTER, storage_error
 from weightsmith import extract as lib
 from weightsmith.model import parse_model_url
 from weightsmith.sources import Source, open_source
+from weightsmith_tasks.credentials import use_credentials
+from weightsmith_tasks.policy import policy
 
-_POLICY = dict(
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=storage_error,
-    cache_policy=NO_CACHE,
-    tags=["weightsmith", "extract"],
-)
+_POLICY = policy("extract")
 
 
 def _source(url: str) -> Source:

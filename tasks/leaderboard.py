@@ -7,22 +7,13 @@ later batch, after its backoff, up to the retry cap (weightsmith.catalog).
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.credentials import use_credentials
-from tasks.policy import RETRIES, RETRY_DELAYS, RETRY_JITTER, storage_error
 from weightsmith import catalog
 from weightsmith import leaderboard as lib
+from weightsmith_tasks.credentials import use_credentials
+from weightsmith_tasks.policy import policy
 
-_TAGS = ["weightsmith", "leaderboard"]
-_RETRY = dict(
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=storage_error,
-    cache_policy=NO_CACHE,
-    tags=_TAGS,
-)
+_RETRY = policy("leaderboard")
 
 
 @task(name="read-source", **_RETRY)
@@ -47,12 +38,8 @@ def record_skips(store: str, decisions: list[lib.Decision], credentials: str | N
     lib.record_skips(store, decisions)
 
 
-@task(
-    name="process-model",
-    task_run_name="process {entry.id}@{entry.revision}",
-    cache_policy=NO_CACHE,
-    tags=_TAGS,
-)
+# No Prefect retries: a failed model is catalogued and tried again by a later batch.
+@task(name="process-model", task_run_name="process {entry.id}@{entry.revision}", **policy("leaderboard", retries=0))
 def process_model(
     store: str,
     entry: lib.ModelEntry,

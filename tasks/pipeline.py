@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.credentials import use_credentials
-from tasks.policy import RETRIES, RETRY_DELAYS, RETRY_JITTER, storage_error
 from weightsmith import pipeline as lib
 from weightsmith.model import parse_model_url
+from weightsmith_tasks.credentials import use_credentials
+from weightsmith_tasks.policy import policy
 
-_POLICY = dict(
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=storage_error,
-    cache_policy=NO_CACHE,
-    tags=["weightsmith", "pipeline"],
-)
+_POLICY = policy("pipeline")
 
 
 @task(name="predict-run", **_POLICY)

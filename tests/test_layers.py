@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "weightsmith"
-FORBIDDEN = ("prefect", "prefect_aws", "prefect_dask", "flows", "tasks")
+FORBIDDEN = ("prefect", "prefect_aws", "prefect_dask", "flows", "tasks", "weightsmith_flows", "weightsmith_tasks")
 
 
 def module_name(path: Path) -> str:
@@ -44,9 +44,9 @@ def imports(path: Path) -> list[tuple[int, str]]:
 
 def test_the_walk_sees_function_level_and_type_checking_imports(tmp_path):
     path = PACKAGE / "space.py"  # imports weightsmith.sources only under TYPE_CHECKING
-    assert ("weightsmith.sources" in {m for _, m in imports(path)}), "the walk missed a TYPE_CHECKING import"
+    assert "weightsmith.sources" in {m for _, m in imports(path)}, "the walk missed a TYPE_CHECKING import"
     path = PACKAGE / "cli" / "common.py"  # imports flows inside a function
-    assert "flows" in {m for _, m in imports(path)}
+    assert "weightsmith_flows" in {m for _, m in imports(path)}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if not n.startswith("weightsmith.cli")))
@@ -80,3 +80,12 @@ def test_no_import_cycles_in_the_package():
         if node not in state:
             visit(node, [])
     assert not cycles, "\n".join(cycles)
+
+
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    tree = sorted(".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py"))
+    assert sorted(config["packages"]) == sorted([*tree, "weightsmith_flows", "weightsmith_tasks"])
+    assert config["package-dir"] == {"weightsmith_flows": "flows", "weightsmith_tasks": "tasks"}

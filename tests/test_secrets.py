@@ -35,12 +35,12 @@ from prefect.client.schemas.filters import (
 from prefect.logging.handlers import APILogWorker
 from safetensors.numpy import save_file
 
-from flows.artifacts import publish_model_artifacts
-from flows.extract import extract_model
-from flows.pipeline import weightsmith_pipeline
-from flows.predict import dispatch_predict
 from weightsmith.dev.seaweed import S3Server
 from weightsmith.model import parse_model_url
+from weightsmith_flows.artifacts import publish_model_artifacts
+from weightsmith_flows.extract import extract_model
+from weightsmith_flows.pipeline import weightsmith_pipeline
+from weightsmith_flows.predict import dispatch_predict
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("prefect_harness")]
 

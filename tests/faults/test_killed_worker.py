@@ -21,11 +21,11 @@ import psutil
 import pytest
 from fault_helpers import count_whole_tensors, tail, wait_until, write_model
 
-from flows.extract import extract_model
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import MANIFEST, ModelRef, parse_model_url
 from weightsmith.store import arrays
 from weightsmith.verify import verify
+from weightsmith_flows.extract import extract_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -34,8 +34,8 @@ TENSORS = 40
 FLOW_FINISHED = re.compile(r"Flow run '[^']+' - Finished in state (\w+)")
 FLOW_SCRIPT = """
 import sys
-from flows.extract import extract_model
-from flows.runners import make_runner
+from weightsmith_flows.extract import extract_model
+from weightsmith_flows.runners import make_runner
 source, store, runner = sys.argv[1:4]
 flow = extract_model.with_options(task_runner=make_runner(runner, 2))
 print(flow(source=source, store=store, unit_bytes=1), flush=True)

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from fault_helpers import count_whole_tensors, wait_until, write_model
 
-from flows.extract import extract_model
 from weightsmith.dev.seaweed import S3Server, start_s3_server
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import MANIFEST, parse_model_url
 from weightsmith.store import arrays
 from weightsmith.verify import verify
+from weightsmith_flows.extract import extract_model
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("prefect_harness")]
 

@@ -10,10 +10,10 @@ import boto3
 import pytest
 from prefect.client.orchestration import get_client
 
-from flows.extract import extract_model
-from flows.runners import make_runner
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import parse_model_url
+from weightsmith_flows.extract import extract_model
+from weightsmith_flows.runners import make_runner
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from flows.pipeline import weightsmith_pipeline
 from weightsmith.demo import SIZES, build_gpt2
 from weightsmith.model import parse_model_url
+from weightsmith_flows.pipeline import weightsmith_pipeline
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 

@@ -122,7 +122,7 @@ def test_offline_mode_and_a_bad_sort_are_one_line_errors(
 def test_the_flow_lists_resolves_and_processes_hub_models(
     hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.leaderboard import leaderboard_batch
+    from weightsmith_flows.leaderboard import leaderboard_batch
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     store = str(tmp_path / "store")

@@ -62,7 +62,7 @@ def test_each_model_is_processed_once_and_a_broken_one_until_the_cap(tmp_path: P
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from flows.leaderboard import leaderboard_batch
+    from weightsmith_flows.leaderboard import leaderboard_batch
 
     store = str(tmp_path / "store")
     manifest = str(write_manifest(tmp_path / "src", fixtures_dir, ["a", "b"]))

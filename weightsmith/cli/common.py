@@ -93,8 +93,8 @@ def build_options(cls, **values):
 def run_flow(name: str, task_runner: str = "threads", workers: int = 0, dask_address: str | None = None):
     """A flow of flows/registry.py with the chosen task runner, Prefect set up for the embedded default."""
     state.configure_prefect()
-    from flows import registry
-    from flows.runners import DEFAULT_WORKERS, RUNNERS, embedded_settings, make_runner
+    from weightsmith_flows import registry
+    from weightsmith_flows.runners import DEFAULT_WORKERS, RUNNERS, embedded_settings, make_runner
 
     if task_runner not in RUNNERS:
         raise WeightsmithError("--task-runner", f"unknown runner {task_runner!r} (choose from {', '.join(RUNNERS)})")

@@ -27,7 +27,7 @@ def _flow_runner(source: str, options):
     from weightsmith.pipeline import PipelineResult
 
     state.configure_prefect()
-    from flows.pipeline import weightsmith_pipeline
+    from weightsmith_flows.pipeline import weightsmith_pipeline
 
     parameters = options.model_dump()
     parameters["layers"] = [list(g) for g in options.layers]

@@ -108,7 +108,7 @@ def leaderboard(
     else:
         state.configure_prefect()
         quiet_prefect()
-        from flows.leaderboard import leaderboard_batch
+        from weightsmith_flows.leaderboard import leaderboard_batch
 
         summary = leaderboard_batch(
             source=source,
