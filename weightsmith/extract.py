@@ -117,7 +117,7 @@ def plan(source: Source, options: ExtractOptions) -> list[WorkUnit]:
         if (not options.include or any(fnmatch.fnmatchcase(n, p) for p in options.include))
         and not any(fnmatch.fnmatchcase(n, p) for p in options.exclude)
     ]
-    if not names:
+    if not names and (options.include or options.exclude):
         raise WeightsmithError(source.url, "no tensor matches the include/exclude patterns")
     units: list[WorkUnit] = []
     batch: list[str] = []
@@ -188,7 +188,7 @@ def model_ref(source: Source, options: ExtractOptions, checksums: dict[str, str]
     if revision:
         revision = slugify(revision)
     else:
-        if checksums is None or set(checksums) != set(source.tensors):
+        if set(checksums or ()) != set(source.tensors):
             raise ValueError("the content revision needs the checksum of every tensor")
         h = hashlib.sha256()
         for i in range(len(source.containers)):

@@ -1,9 +1,12 @@
 """safetensors headers read through the ranged reader, validated like the reference library.
 
 Layout of a file: 8 bytes little-endian header length N, N bytes of UTF-8 JSON, then the data.
-The checks follow safetensors' Rust `SafeTensors::read_metadata` and go slightly further
-(unknown keys in a tensor entry are rejected): a header that the reference library would
-refuse is refused here too, with one line naming the file and the problem.
+The checks follow safetensors' Rust `SafeTensors::read_metadata` (the version pinned in
+pyproject), no stricter and no more lenient: what the reference opens is accepted (JSON
+padded with whitespace, unknown keys in a tensor entry, a file without tensors, a repeated
+tensor name whose last entry wins, as serde's map does), and what it refuses is refused here,
+with one line naming the file and the problem. The header bytes are kept verbatim in the store,
+so whatever was accepted is restored byte for byte.
 """
 
 from __future__ import annotations
@@ -60,26 +63,41 @@ def parse_safetensors(reader: RangedReader, container: int, name: str) -> tuple[
     )
 
 
+class _Object(dict):
+    """A JSON object that remembers which of its keys appeared more than once (the last wins)."""
+
+    repeated: frozenset[str] = frozenset()
+
+
 def _decode_header(raw: bytes, where: str) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise WeightsmithError(where, f"header is not valid UTF-8 (byte {e.start})") from None
-    if not text.startswith("{"):
-        raise WeightsmithError(where, "header is not a JSON object")
 
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-        out: dict = {}
-        for k, v in pairs:
-            if k in out:
-                raise WeightsmithError(where, f"duplicate key {k!r} in header")
-            out[k] = v
-        return out
+    def remember_repeats(pairs: list[tuple[str, object]]) -> dict:
+        obj = _Object(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            obj.repeated = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+        return obj
+
+    def not_json(value: str) -> float:
+        raise ValueError(f"{value} is not JSON")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            raise ValueError(f"number {text} out of range")
+        return value
 
     try:
-        header = json.loads(text, object_pairs_hook=no_duplicates)
+        # Python's json takes NaN/Infinity and numbers beyond float; serde_json does not.
+        header = json.loads(text, object_pairs_hook=remember_repeats, parse_constant=not_json, parse_float=finite)
     except json.JSONDecodeError as e:
         raise WeightsmithError(where, f"header is not valid JSON ({e.msg} at char {e.pos})") from None
+    except ValueError as e:
+        raise WeightsmithError(where, f"header is not valid JSON ({e})") from None
     except RecursionError:
         raise WeightsmithError(where, "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
@@ -96,8 +114,11 @@ def _metadata(value: object, where: str) -> dict[str, str]:
 
 
 def _entry(name: str, info: object, container: int, data_start: int, where: str) -> TensorEntry:
-    if not isinstance(info, dict) or set(info) != _TENSOR_KEYS:
-        raise WeightsmithError(where, f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+    if not isinstance(info, dict) or not _TENSOR_KEYS <= set(info):
+        raise WeightsmithError(where, f"tensor {name!r}: entry must have dtype, shape and data_offsets")
+    repeated = sorted(_TENSOR_KEYS & getattr(info, "repeated", frozenset()))
+    if repeated:
+        raise WeightsmithError(where, f"tensor {name!r}: duplicate field {repeated[0]!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str):
         raise WeightsmithError(where, f"tensor {name!r}: dtype must be a string")
