@@ -160,7 +160,7 @@ def test_not_a_model_url_is_one_line(home: Path, tmp_path: Path) -> None:
 
 
 def test_inspect_json_lists_gptq_groups_as_one_weight(home: Path, fixtures_dir: Path) -> None:
-    run = cli("inspect", "--json", fixtures_dir / "gptq" / "falcon3_1b_int4.safetensors")
+    run = cli("inspect", "--json", fixtures_dir / "gptq" / "llama_3_2_1b_int4.safetensors")
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout)
     assert rows == [

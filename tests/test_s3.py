@@ -72,7 +72,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # round trips
 
 
-@pytest.mark.parametrize("rel", ["random", "gguf/ollama_llama-2-tiny-random.gguf", "gptq/falcon3_1b_int4.safetensors"])
+@pytest.mark.parametrize(
+    "rel", ["random", "gguf/ollama_llama-2-tiny-random.gguf", "gptq/llama_3_2_1b_int4.safetensors"]
+)
 def test_s3_source_into_s3_store_round_trips(
     s3_bucket: str, s3_env: S3Server, fixtures_dir: Path, tmp_path: Path, rel: str
 ) -> None:

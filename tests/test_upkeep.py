@@ -389,7 +389,7 @@ def test_estimate_output_bytes() -> None:
     "fixture",
     [
         "gguf/derived_multiquant_real_blocks.gguf",
-        "gptq/falcon3_1b_int4.safetensors",
+        "gptq/llama_3_2_1b_int4.safetensors",
         "safetensors/diffusers_sd_pokemon_lora.safetensors",
     ],
 )

@@ -37,7 +37,7 @@ def _contents(model_url: str) -> list[str]:
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("fixture", ["safetensors/sharded_minicpm3", "gptq/falcon3_1b_int4.safetensors"])
+@pytest.mark.parametrize("fixture", ["safetensors/sharded_minicpm3", "gptq/llama_3_2_1b_int4.safetensors"])
 def test_flow_writes_what_the_library_writes(s3_server, s3_bucket, fixtures_dir, fixture):
     source = _upload(s3_server, s3_bucket, fixtures_dir / fixture, "src")
     state = extract_model(source=source, store=f"s3://{s3_bucket}/flow", unit_bytes=100_000, return_state=True)

@@ -23,7 +23,7 @@ from weightsmith.sources.base import GptqGroup, TensorEntry
 from weightsmith.sources.gptq import dequantize, find_groups
 
 FIXTURES = fixture_paths.FIXTURES / "gptq"
-REAL = ["falcon3_1b_int4", "falcon3_1b_int8", "llama_3_2_1b_int4", "llama_3_2_1b_gptqmodel_int8"]
+REAL = ["llama_3_2_1b_int4", "llama_3_2_1b_gptqmodel_int8"]
 PREFIX = "model.layers.0.mlp.gate_proj"
 GOLDEN = f"{PREFIX}.weight_dequant_in_out"
 WHERE = "s3://bucket/model.safetensors"
@@ -160,7 +160,7 @@ def test_real_slice_with_quant_config_overrides_metadata() -> None:
 
 
 def test_real_slice_bits_inferred_without_settings() -> None:
-    path = FIXTURES / "falcon3_1b_int8.safetensors"
+    path = FIXTURES / "llama_3_2_1b_gptqmodel_int8.safetensors"
     (group,) = find_groups(_entries_from_file(path), None, {}, str(path))
     assert (group.bits, group.group_size, group.checkpoint_format) == (8, 128, "gptq")
 
