@@ -121,6 +121,76 @@ def model_of(result: ExtractResult) -> ModelRef:
 
 
 # ---------------------------------------------------------------------------------------------
+# as lenient as the reference reader, and no more
+
+F32_ENTRY = '"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
+LENIENT = {  # headers the reference (safetensors 0.8.0) opens: accepted and restored byte for byte
+    "whitespace-before": "  \n{" + F32_ENTRY + "}",
+    "whitespace-after": "{" + F32_ENTRY + "}\t\r\n   ",
+    "extra-key": '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"quant":{"bits":4}}}',
+    "repeated-name": "{" + F32_ENTRY + "," + F32_ENTRY + "}",
+    "no-tensors": "{}",
+    "no-tensors-metadata": '{"__metadata__":{"format":"pt"}}',
+}
+STRICT = {  # headers the reference refuses: refused with one line and exit 2, nothing written
+    "nul-padding": "{" + F32_ENTRY + "}\x00\x00",
+    "repeated-field": '{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+    "nan-in-extra-key": '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":NaN}}',
+    "missing-field": '{"a":{"dtype":"F32","shape":[2]}}',
+    "float-shape": '{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}',
+    "metadata-not-strings": '{"__metadata__":{"a":1},' + F32_ENTRY + "}",
+}
+
+
+def header_file(path: Path, header: str) -> bytes:
+    text = header.encode()
+    data = b"" if '"a"' not in header else np.arange(2, dtype=np.float32).tobytes()
+    blob = struct.pack("<Q", len(text)) + text + data
+    path.write_bytes(blob)
+    return blob
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "weightsmith.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("case", sorted(LENIENT))
+def test_what_the_reference_opens_is_extracted_and_restored_byte_for_byte(tmp_path: Path, case: str) -> None:
+    from safetensors.numpy import load_file
+
+    path = tmp_path / f"{case}.safetensors"
+    blob = header_file(path, LENIENT[case])
+    expected = load_file(str(path))  # the reference opens it
+    assert [r["name"] for r in inspect_source(str(path))] == sorted(expected)
+    store = tmp_path / "store"
+    run = cli("extract", path, "--store", store, "--no-prefect")
+    assert run.returncode == 0, run.stderr
+    model_url = run.stdout.strip().splitlines()[-1]
+    assert cli("verify", model_url).returncode == 0
+    assert cli("restore", model_url, "--out", tmp_path / "copy.safetensors").returncode == 0
+    assert (tmp_path / "copy.safetensors").read_bytes() == blob
+    manifest = parse_model_url(model_url).manifest()
+    assert sorted(manifest["tensors"]) == sorted(expected)
+
+
+@pytest.mark.parametrize("case", sorted(STRICT))
+def test_what_the_reference_refuses_is_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = tmp_path / f"{case}.safetensors"
+    header_file(path, STRICT[case])
+    with pytest.raises(SafetensorError):
+        load_file(str(path))
+    store = tmp_path / "store"
+    for command in (("inspect", path), ("extract", path, "--store", store, "--no-prefect")):
+        run = cli(*command)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {path}"), run.stderr
+    assert not store.exists() or not any(p.is_file() for p in store.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
 # hostile tensor names
 
 
