@@ -565,7 +565,8 @@ _CATALOG = b'{"format": "weightsmith-catalog/1", "models": '
 
 @pytest.fixture
 def catalog_store(tmp_path: Path):
-    catalog = pytest.importorskip("weightsmith.catalog", reason="weightsmith/catalog.py is part 5")
+    from weightsmith import catalog
+
     return catalog, Store(str(tmp_path / "store"))
 
 

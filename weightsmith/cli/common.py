@@ -110,18 +110,18 @@ def run_flow(name: str, task_runner: str = "threads", workers: int = 0, dask_add
 
 
 def quiet_prefect() -> None:
-    """User errors raised inside tasks stay one line: drop their tracebacks from Prefect's logs."""
+    """A user error raised inside a task is printed once, as one line, by `user_errors`: Prefect's
+    own log lines about it (state messages, tracebacks) are dropped from the console. The run's
+    final state in Prefect still holds the error."""
 
-    class OneLine(logging.Filter):
+    class DropUserErrors(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             if record.exc_info and isinstance(record.exc_info[1], WeightsmithError):
-                record.exc_info = None
-                record.exc_text = None
-                record.msg, record.args = str(record.getMessage()).splitlines()[0], ()
-            return True
+                return False
+            return "WeightsmithError" not in str(record.getMessage())
 
     for name in ("prefect.task_runs", "prefect.flow_runs", "prefect"):
-        logging.getLogger(name).addFilter(OneLine())
+        logging.getLogger(name).addFilter(DropUserErrors())
 
 
 def load_config(text: str | None) -> dict:

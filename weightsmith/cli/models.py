@@ -60,7 +60,7 @@ def extract(
     as_json: JsonOpt = False,
 ) -> None:
     """Extract every tensor into Zarr + TIFF + PNG in the store; prints the model URL."""
-    from weightsmith.extract import ExtractOptions, prepare
+    from weightsmith.extract import ExtractOptions
     from weightsmith.extract import extract as run_extract
 
     options = build_options(
@@ -86,7 +86,6 @@ def extract(
         )
         print(result.model_url)
         return
-    prepare(source, options)  # bad input fails here, before a flow run exists
     flow = run_flow("extract", task_runner, workers, dask_address)
     model_url = flow(
         source=source,

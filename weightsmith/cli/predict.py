@@ -148,9 +148,6 @@ def run(
         result = run_pipeline(source, options, say=lambda m: err.print(m, highlight=False))
         reports, verdicts = result.reports or [result.report_url], result.summary
     else:
-        from weightsmith.extract import ExtractOptions, prepare
-
-        prepare(source, build_options(ExtractOptions, store=options.store, name=name))  # before a flow starts
         flow = run_flow("run", "threads", 4, None)
         out_ = flow(
             source=source,

@@ -24,7 +24,7 @@ from weightsmith.dev import stack as devstack
 from weightsmith.dev.seaweed import Ports, s3_client
 from weightsmith.dev.stack import Component, DevStack
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPORTED = {
     "PREFECT_API_URL",
     "AWS_ACCESS_KEY_ID",
