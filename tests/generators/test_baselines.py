@@ -72,34 +72,28 @@ def test_registry_lists_the_baselines() -> None:
 
 def test_zoo_baselines_plan_the_sweeps() -> None:
     runs = zoo_baselines(8, ordered=True)
-    assert [r.label for r in runs] == [
-        "coord-gaussian",
-        "pca-gaussian(scale=0.5)",
-        "pca-gaussian(scale=1)",
-        "pca-gaussian(scale=2)",
-        "average(k=2)",
-        "average(k=4)",
-        "average(k=all)",
-        "zoo-member",
-        "latest",
-        "extrapolate(t=0.1)",
-        "extrapolate(t=0.3)",
-        "extrapolate(t=1)",
+    assert [(r.generator, r.config) for r in runs] == [
+        ("coord-gaussian", {}),
+        ("pca-gaussian", {"scale": 0.5}),
+        ("pca-gaussian", {"scale": 1.0}),
+        ("pca-gaussian", {"scale": 2.0}),
+        ("average", {"k": 2}),
+        ("average", {"k": 4}),
+        ("average", {"k": "all"}),
+        ("zoo-member", {}),
+        ("latest", {}),
+        ("extrapolate", {"t": 0.1}),
+        ("extrapolate", {"t": 0.3}),
+        ("extrapolate", {"t": 1.0}),
     ]
-    assert {r.label for r in runs if r.deterministic} == {
-        "average(k=all)",
-        "latest",
-        "extrapolate(t=0.1)",
-        "extrapolate(t=0.3)",
-        "extrapolate(t=1)",
-    }
+    assert [r.deterministic for r in runs] == [False] * 6 + [True, False] + [True] * 4
     for r in runs:  # every planned config is valid for its generator
         assert get(r.generator)().config(r.config).model_dump(include=set(r.config)) == r.config
     assert set(SWEEPS) <= set(ZOO_BASELINES + ORDERED_BASELINES)
     # unordered zoos get no trajectory baselines; averages of k >= K members are the mean
-    small = [r.label for r in zoo_baselines(3, ordered=False)]
-    assert "latest" not in small and "average(k=4)" not in small and "average(k=2)" in small
-    assert [r.label for r in zoo_baselines(2, ordered=False) if r.generator == "average"] == ["average(k=all)"]
+    small = [(r.generator, r.config) for r in zoo_baselines(3, ordered=False)]
+    assert ("latest", {}) not in small and ("average", {"k": 4}) not in small and ("average", {"k": 2}) in small
+    assert [r.config for r in zoo_baselines(2, ordered=False) if r.generator == "average"] == [{"k": "all"}]
     assert zoo_baselines(1, ordered=True) == []
 
 

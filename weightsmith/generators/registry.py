@@ -5,7 +5,7 @@ import torch or diffusers for the diffusion generators.
 
 Below them, the tables a report reads to pick its baselines: which apply to every group, to a
 zoo, to an ordered zoo, the settings each is swept over, and `zoo_baselines`, which turns them
-into labelled runs for a zoo of K members, marking those that are deterministic (one sample).
+into runs for a zoo of K members, marking those that are deterministic (one sample).
 """
 
 from __future__ import annotations
@@ -63,20 +63,11 @@ def get(name: str) -> type[Generator]:
 
 @dataclass(frozen=True)
 class BaselineRun:
-    """One baseline label of a report."""
+    """One baseline label of a report (named by `weightsmith.vet.baseline_label`)."""
 
-    label: str  # e.g. "average(k=all)": the generator, then its swept settings
     generator: str  # registry name
     config: dict  # its options
     deterministic: bool  # every sample is the same: score one
-
-
-def label(generator: str, config: Mapping[str, Any]) -> str:
-    """ "name(key=value, ...)" for a config, the bare name for none; numbers as %g."""
-    if not config:
-        return generator
-    items = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
-    return f"{generator}({items})"
 
 
 def deterministic(generator: str, config: Mapping[str, Any] | None, k: int) -> bool:
@@ -98,5 +89,5 @@ def zoo_baselines(k: int, ordered: bool) -> list[BaselineRun]:
         for config in SWEEPS.get(name, ({},)):
             if name == "average" and config["k"] != "all" and config["k"] >= k:
                 continue
-            runs.append(BaselineRun(label(name, config), name, dict(config), deterministic(name, config, k)))
+            runs.append(BaselineRun(name, dict(config), deterministic(name, config, k)))
     return runs
