@@ -301,10 +301,15 @@ class Streams:
                 pieces.append(standard_normal(self.seed, self.index, name, lo - j * m, hi - j * m))
         return np.concatenate(pieces).reshape(self.spec.out_shape)
 
-    def part_of(self) -> np.ndarray:
-        """Index of the stacked tensor that holds each value of spec.region (flat, int64)."""
+    def spread(self, per_part: np.ndarray) -> np.ndarray:
+        """One value per stacked tensor (len(names),), spread over spec.region: flat, or the
+        one value itself (0-d) for a single tensor, so a big tensor costs no index array."""
+        if len(self.names) == 1:
+            return per_part[0]
         m = self.spec.numel // len(self.names)
-        return np.arange(self.spec.region.start, self.spec.region.stop) // m
+        r = self.spec.region
+        counts = [max(0, min(r.stop, (j + 1) * m) - max(r.start, j * m)) for j in range(len(self.names))]
+        return np.repeat(per_part, counts)
 
 
 def moments(values: np.ndarray, block: int = 1 << 22) -> tuple[float, float]:

@@ -44,6 +44,6 @@ class Gaussian(Generator):
         if mean.shape[1] > 1:
             self._require_shape(state, spec)
         k = streams.member(mean.shape[0])
-        part = streams.part_of().reshape(spec.out_shape)
-        z = streams.normal()
-        return mean[k, part].astype(np.float32) + std[k, part].astype(np.float32) * z
+        z = streams.normal().reshape(-1)
+        mu, sigma = (streams.spread(a[k].astype(np.float32)) for a in (mean, std))
+        return (mu + sigma * z).reshape(spec.out_shape)

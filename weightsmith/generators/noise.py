@@ -50,5 +50,5 @@ class Noise(Generator):
         self._require_shape(state, spec)
         k = streams.member(state.arrays["checkpoints"].shape[0])
         source = state.arrays["checkpoints"][k, spec.region]
-        sigma = (config.radius * state.arrays["stds"][k]).astype(np.float32)[streams.part_of()]  # (region,)
+        sigma = streams.spread((config.radius * state.arrays["stds"][k]).astype(np.float32))
         return (source + sigma * streams.normal().reshape(-1)).reshape(spec.out_shape)
