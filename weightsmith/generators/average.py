@@ -8,7 +8,8 @@ the zoo's mean: deterministic, so a report scores it once.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -30,7 +31,7 @@ class Average(Generator):
     Config = AverageConfig
     min_checkpoints = 2
 
-    def deterministic(self, config, k: int) -> bool:
+    def deterministic(self, config: GeneratorConfig | Mapping[str, Any] | None, k: int) -> bool:
         chosen = self.config(config).k
         return chosen == "all" or chosen >= k
 

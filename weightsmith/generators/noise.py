@@ -9,6 +9,9 @@ joint stack scales each stacked tensor's noise by that tensor's own std.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from pydantic import Field
 
@@ -36,7 +39,7 @@ class Noise(Generator):
     Config = NoiseConfig
     version = 2  # v1: one std per member over a whole joint stack
 
-    def deterministic(self, config, k: int) -> bool:
+    def deterministic(self, config: GeneratorConfig | Mapping[str, Any] | None, k: int) -> bool:
         return k == 1 and self.config(config).radius == 0.0
 
     def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:

@@ -14,6 +14,9 @@ With K checkpoints flattened to X (K, D), centered Xc = X - mean:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from pydantic import Field
 
@@ -37,7 +40,7 @@ class PcaGaussian(Generator):
     Config = PcaGaussianConfig
     min_checkpoints = 2
 
-    def deterministic(self, config, k: int) -> bool:
+    def deterministic(self, config: GeneratorConfig | Mapping[str, Any] | None, k: int) -> bool:
         return self.config(config).scale == 0.0
 
     def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:

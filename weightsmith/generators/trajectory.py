@@ -9,6 +9,9 @@ optimisation unless it beats these. Both are deterministic, so a report scores t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from pydantic import Field
 
@@ -27,7 +30,7 @@ class Latest(Generator):
     min_checkpoints = 2
     ordered = True
 
-    def deterministic(self, config, k: int) -> bool:
+    def deterministic(self, config: GeneratorConfig | Mapping[str, Any] | None, k: int) -> bool:
         return True
 
     def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
@@ -52,7 +55,7 @@ class Extrapolate(Generator):
     min_checkpoints = 2
     ordered = True
 
-    def deterministic(self, config, k: int) -> bool:
+    def deterministic(self, config: GeneratorConfig | Mapping[str, Any] | None, k: int) -> bool:
         return True
 
     def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
