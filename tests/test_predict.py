@@ -13,7 +13,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.generators import SAMPLING_VERSION, state_from_bytes
 from weightsmith.model import parse_model_url
-from weightsmith.predict import PredictOptions, fit_batches, predict, read_values
+from weightsmith.predict import PredictOptions, fit_batches, predict, read_values, zoo_is_ordered
 from weightsmith.store import arrays
 from weightsmith.zoo import write_zoo
 
@@ -108,6 +108,11 @@ def test_ordered_baselines_need_an_ordered_zoo(model_url: str) -> None:
     run = {n: np.stack([originals[n] * (1 + 0.1 * k) for k in range(4)]) for n in names}  # a "training run"
     write_zoo(model.store, "run-ordered", run, {"ordered": True}, overwrite=True)
     write_zoo(model.store, "run-unordered", run, overwrite=True)
+    assert zoo_is_ordered(model, "run-ordered") and not zoo_is_ordered(model, "run-unordered")
+    assert not zoo_is_ordered(model, None)
+    manifest = write_zoo(model.store, "run-top", run, overwrite=True)  # `ordered` at the top level
+    model.store.write_json("zoos/run-top/zoo.json", {**manifest, "ordered": True})
+    assert zoo_is_ordered(model, "run-top")
     with pytest.raises(WeightsmithError, match="extrapolate: needs an ordered zoo.*'run-unordered'"):
         _run(model_url, layer=ATTENTION, generator="extrapolate", zoo="run-unordered")
     with pytest.raises(WeightsmithError, match="latest: needs an ordered zoo.*the model alone"):
