@@ -11,12 +11,14 @@ import torch
 from weightsmith.demo import SIZES, build_gpt2
 from weightsmith.errors import WeightsmithError
 from weightsmith.extract import ExtractOptions, extract
-from weightsmith.generators import state_from_bytes
+from weightsmith.generators import SAMPLING_VERSION, state_from_bytes
 from weightsmith.model import parse_model_url
-from weightsmith.predict import PredictOptions, fit_batches, predict, read_values
+from weightsmith.predict import PredictOptions, fit_batches, predict, read_values, zoo_is_ordered
 from weightsmith.store import arrays
+from weightsmith.zoo import write_zoo
 
 LAYER_NORMS = ("transformer.h.*.ln_*", "transformer.ln_f.*")  # 10 vectors of one shape (64,)
+ATTENTION = ("transformer.h.*.attn.c_attn.weight",)  # 2 matrices (64, 192) of random values
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,58 @@ def test_joint_of_one_tensor_is_the_plain_fit(model_url: str) -> None:
     facts, joint = _run(model_url, layer=(name,), generator="noise", config={"radius": 0.3}, seed=3, joint=True)
     assert facts["tensors"][name]["fitted_with"] == [name]
     assert all(np.array_equal(a, b) for a, b in zip(plain[name], joint[name], strict=True))
+
+
+def test_noise_is_each_tensors_own_and_the_examples_are_recorded(model_url: str) -> None:
+    model = parse_model_url(model_url)
+    facts, plain = _run(model_url, layer=ATTENTION, generator="noise", config={"radius": 1.0}, seed=2)
+    assert facts["sampling"] == SAMPLING_VERSION
+    names = list(facts["tensors"])
+    originals = {n: read_values(model, model.manifest()["tensors"][n]) for n in names}
+    for n in names:
+        examples = facts["tensors"][n]["examples"]
+        state = state_from_bytes(model.store.read_bytes(facts["tensors"][n]["generator_state"]))
+        assert examples == {"zoo": None, "k": 1, "ordered": False, "sha256": state.info["examples"]["sha256"]}
+    # the two tensors get independent noise (sampling version 1 gave both the same numbers)
+    a, b = ((plain[n][0] - originals[n]).reshape(-1) for n in names)
+    assert a.size >= 10_000 and abs(np.corrcoef(a, b)[0, 1]) < 0.05
+    # fitted jointly, each tensor draws exactly the noise it draws alone
+    joint_facts, joint = _run(model_url, layer=ATTENTION, generator="noise", config={"radius": 1.0}, seed=2, joint=True)
+    assert len({e["generator_state"] for e in joint_facts["tensors"].values()}) == 1
+    for n in names:
+        np.testing.assert_allclose(joint[n][0], plain[n][0], rtol=1e-6, atol=1e-7)
+
+
+def test_ordered_baselines_need_an_ordered_zoo(model_url: str) -> None:
+    model = parse_model_url(model_url)
+    names = [r["name"] for r in model.manifest()["tensors"].values() if r["name"].endswith("attn.c_attn.weight")]
+    originals = {n: read_values(model, model.manifest()["tensors"][n]) for n in names}
+    run = {n: np.stack([originals[n] * (1 + 0.1 * k) for k in range(4)]) for n in names}  # a "training run"
+    write_zoo(model.store, "run-ordered", run, {"ordered": True}, overwrite=True)
+    write_zoo(model.store, "run-unordered", run, overwrite=True)
+    assert zoo_is_ordered(model, "run-ordered") and not zoo_is_ordered(model, "run-unordered")
+    assert not zoo_is_ordered(model, None)
+    manifest = write_zoo(model.store, "run-top", run, overwrite=True)  # `ordered` at the top level
+    model.store.write_json("zoos/run-top/zoo.json", {**manifest, "ordered": True})
+    assert zoo_is_ordered(model, "run-top")
+    with pytest.raises(WeightsmithError, match="extrapolate: needs an ordered zoo.*'run-unordered'"):
+        _run(model_url, layer=ATTENTION, generator="extrapolate", zoo="run-unordered")
+    with pytest.raises(WeightsmithError, match="latest: needs an ordered zoo.*the model alone"):
+        _run(model_url, layer=ATTENTION, generator="latest")
+    facts, values = _run(model_url, layer=ATTENTION, generator="extrapolate", config={"t": 0.5}, zoo="run-ordered")
+    for n in names:
+        assert facts["tensors"][n]["examples"]["zoo"] == "run-ordered"
+        assert facts["tensors"][n]["examples"]["k"] == 4 and facts["tensors"][n]["examples"]["ordered"] is True
+        np.testing.assert_allclose(values[n][0], run[n][3] + 0.5 * (run[n][3] - run[n][0]), rtol=1e-6)
+    # baselines fitted on a zoo start from one member per sample, the same for every tensor
+    facts, values = _run(
+        model_url, layer=ATTENTION, generator="noise", config={"radius": 0.0}, zoo="run-ordered", samples=6
+    )
+    chosen = []
+    for n in names:
+        assert facts["tensors"][n]["examples"]["k"] == 4
+        chosen.append([next(k for k in range(4) if np.array_equal(v, run[n][k])) for v in values[n]])
+    assert chosen[0] == chosen[1] and len(set(chosen[0])) > 1
 
 
 def test_joint_refuses_a_chunk(model_url: str) -> None:

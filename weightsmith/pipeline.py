@@ -62,10 +62,14 @@ class PipelineResult:
 
 
 def run_id_for(source: str, options: PipelineOptions) -> str:
-    """A stable id: the same source and options resume the same run."""
+    """A stable id: the same source and options resume the same run (and the same way of
+    drawing samples: predictions of an older SAMPLING_VERSION are never reused)."""
+    from weightsmith.generators.base import SAMPLING_VERSION
+
     if options.run_id:
         return options.run_id
-    payload = json.dumps({"source": source, **options.model_dump(mode="json")}, sort_keys=True)
+    facts = {"source": source, "sampling": SAMPLING_VERSION, **options.model_dump(mode="json")}
+    payload = json.dumps(facts, sort_keys=True)
     return "p-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

@@ -4,7 +4,9 @@ For each selected tensor: examples (the model's tensor, K = 1, or the zoo's K ch
 a fitted generator state, reused from `generators/<name>/<fingerprint>/` while its inputs are
 unchanged -> `samples` draws -> `predictions/<run-id>/tensors/<key>.zarr` (samples stacked,
 (n, *shape), float32) with a TIFF and PNG per sample -> `prediction.json`, written last, with
-the generator, its config, the seed, the device of every sample and the training data.
+the generator, its config, the seed, the device of every sample, the sampling version (how
+random numbers are derived; see `weightsmith.generators.base`) and, per fit, the examples it
+saw (`examples`: zoo, K, whether ordered, sha256 of the values).
 With a chunk size, each sample is the source tensor with one run of elements replaced.
 With `joint`, tensors of one shape are fitted together as one stack (n, *shape) (e.g. every
 LayerNorm weight and bias of a model: one fit instead of dozens, and samples that keep the
@@ -30,7 +32,7 @@ from weightsmith.artifacts import write_images
 from weightsmith.codec import chunk_region, parse_size, splice
 from weightsmith.errors import WeightsmithError
 from weightsmith.extract import new_run_id
-from weightsmith.generators import Examples, SampleSpec, state_from_bytes, state_to_bytes
+from weightsmith.generators import SAMPLING_VERSION, Examples, SampleSpec, state_from_bytes, state_to_bytes
 from weightsmith.generators.registry import get as get_generator
 from weightsmith.model import ModelRef, parse_model_url
 from weightsmith.store import arrays, encode_key
@@ -118,6 +120,10 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
         raise WeightsmithError(model.store.url_of(prefix), "this prediction run is already complete")
     if options.joint and options.chunk_size is not None:
         raise WeightsmithError("--joint", "cannot be combined with --chunk-size")
+    ordered = zoo_is_ordered(model, options.zoo)
+    if gen.ordered and not ordered:
+        where = f"zoo {options.zoo!r}" if options.zoo else "the model alone"
+        raise WeightsmithError(gen.name, f"needs an ordered zoo (zoo.json `ordered: true`), got {where}")
     started = time.time()
     entries, devices = {}, []
     for batch in fit_batches(records, options.joint):
@@ -142,7 +148,12 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
                     "reused_state": reused,
                     "devices": result.devices,
                     "chunk": None if chunk is None else chunk.to_dict(),
-                    "training": {"zoo": options.zoo, "checkpoints": examples.k},
+                    "examples": {
+                        "zoo": options.zoo,
+                        "k": examples.k,
+                        "ordered": ordered,
+                        "sha256": examples.sha256,
+                    },
                     "fitted_with": [r["name"] for r in batch],
                 }
             )
@@ -166,6 +177,7 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
                 "host": socket.gethostname(),
             },
             "seed": options.seed,
+            "sampling": SAMPLING_VERSION,
             "samples": options.samples,
             "started": started,
             "finished": time.time(),
@@ -195,7 +207,18 @@ def _examples(model: ModelRef, batch: list[dict], zoo: str | None) -> Examples:
         stacks = [read_zoo_tensor(model.store, zoo, r["name"]) for r in batch]
     if len(batch) == 1:
         return Examples(batch[0]["name"], stacks[0])
-    return Examples(" + ".join(r["name"] for r in batch), np.stack(stacks, axis=1))
+    names = tuple(r["name"] for r in batch)
+    return Examples(" + ".join(names), np.stack(stacks, axis=1), parts=names)
+
+
+def zoo_is_ordered(model: ModelRef, zoo: str | None) -> bool:
+    """Whether the zoo's checkpoints are one run's, first to last (zoo.json `ordered`; absent: no)."""
+    if zoo is None:
+        return False
+    from weightsmith.zoo import read_zoo
+
+    manifest = read_zoo(model.store, zoo)
+    return manifest.get("ordered", manifest.get("attrs", {}).get("ordered")) is True
 
 
 def _fit_or_reuse(model: ModelRef, gen, examples: Examples, config: dict):

@@ -8,6 +8,7 @@ zeros or ones, covers constant tensors. Everything runs on CPU.
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.generators import (
     BASELINES,
     GENERATORS,
+    ORDERED_BASELINES,
+    SWEEPS,
     ZOO_BASELINES,
     Examples,
     SampleSpec,
@@ -26,6 +29,7 @@ from weightsmith.generators import (
     get,
     state_from_bytes,
     state_to_bytes,
+    zoo_baselines,
 )
 
 LORA = "safetensors/diffusers_sd_pokemon_lora.safetensors"
@@ -34,6 +38,10 @@ _BLOCK = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora"
 MATRIX = f"{_BLOCK}.up.weight"  # (320, 4)
 WIDE = f"{_BLOCK}.down.weight"  # (4, 320)
 K = 8
+ALL = BASELINES + ZOO_BASELINES + ORDERED_BASELINES
+NEEDS_ZOO = ZOO_BASELINES + ORDERED_BASELINES
+SAME_EVERY_SAMPLE = ("latest", "extrapolate")  # deterministic
+FEW_OUTCOMES = ("average", "zoo-member")  # a choice among few members: two samples can repeat
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +59,45 @@ def zoo(name: str, tensor: np.ndarray, k: int = K, seed: int = 0) -> Examples:
 
 def examples_for(generator: str, tensors: dict[str, np.ndarray], name: str = MATRIX) -> Examples:
     one = Examples.stack(name, [tensors[name]])
-    return zoo(name, tensors[name]) if generator in ZOO_BASELINES else one
+    return zoo(name, tensors[name]) if generator in NEEDS_ZOO else one
 
 
 def test_registry_lists_the_baselines() -> None:
-    assert set(BASELINES) | set(ZOO_BASELINES) <= set(GENERATORS)
+    assert set(ALL) <= set(GENERATORS)
     for name in GENERATORS:
         assert get(name).name == name
     with pytest.raises(WeightsmithError, match="unknown.*gaussian, permute, noise"):
         get("no-such")
 
 
-@pytest.mark.parametrize("generator", BASELINES + ZOO_BASELINES)
+def test_zoo_baselines_plan_the_sweeps() -> None:
+    runs = zoo_baselines(8, ordered=True)
+    assert [(r.generator, r.config) for r in runs] == [
+        ("coord-gaussian", {}),
+        ("pca-gaussian", {"scale": 0.5}),
+        ("pca-gaussian", {"scale": 1.0}),
+        ("pca-gaussian", {"scale": 2.0}),
+        ("average", {"k": 2}),
+        ("average", {"k": 4}),
+        ("average", {"k": "all"}),
+        ("zoo-member", {}),
+        ("latest", {}),
+        ("extrapolate", {"t": 0.1}),
+        ("extrapolate", {"t": 0.3}),
+        ("extrapolate", {"t": 1.0}),
+    ]
+    assert [r.deterministic for r in runs] == [False] * 6 + [True, False] + [True] * 4
+    for r in runs:  # every planned config is valid for its generator
+        assert get(r.generator)().config(r.config).model_dump(include=set(r.config)) == r.config
+    assert set(SWEEPS) <= set(ZOO_BASELINES + ORDERED_BASELINES)
+    # unordered zoos get no trajectory baselines; averages of k >= K members are the mean
+    small = [(r.generator, r.config) for r in zoo_baselines(3, ordered=False)]
+    assert ("latest", {}) not in small and ("average", {"k": 4}) not in small and ("average", {"k": 2}) in small
+    assert [r.config for r in zoo_baselines(2, ordered=False) if r.generator == "average"] == [{"k": "all"}]
+    assert zoo_baselines(1, ordered=True) == []
+
+
+@pytest.mark.parametrize("generator", ALL)
 @pytest.mark.parametrize("name", [MATRIX, WIDE])
 def test_fit_and_sample(generator: str, name: str, tensors: dict[str, np.ndarray]) -> None:
     gen = get(generator)()
@@ -77,8 +112,8 @@ def test_fit_and_sample(generator: str, name: str, tensors: dict[str, np.ndarray
     for a in first.arrays:
         assert a.shape == examples.shape and a.dtype == np.float32
         assert np.isfinite(a).all()
-    # samples differ from each other (the average of 2 of 8 can repeat, rarely)
-    if generator != "average":
+    # samples differ from each other (a choice among 8 members can repeat)
+    if generator not in SAME_EVERY_SAMPLE + FEW_OUTCOMES:
         assert not np.array_equal(first.arrays[0], first.arrays[1])
 
     # reproducible for a seed, different for another; sample i does not depend on n
@@ -86,7 +121,8 @@ def test_fit_and_sample(generator: str, name: str, tensors: dict[str, np.ndarray
     for a, b in zip(again.arrays, first.arrays, strict=False):
         np.testing.assert_array_equal(a, b)
     other = gen.sample(state, 3, spec, seed=8)
-    assert not all(np.array_equal(a, b) for a, b in zip(other.arrays, first.arrays, strict=True))
+    if generator not in SAME_EVERY_SAMPLE:
+        assert not all(np.array_equal(a, b) for a, b in zip(other.arrays, first.arrays, strict=True))
 
     # the state survives bytes: same samples from the stored copy
     stored = state_from_bytes(state_to_bytes(state))
@@ -101,11 +137,14 @@ def test_fit_and_sample(generator: str, name: str, tensors: dict[str, np.ndarray
     part = gen.sample(state, 2, SampleSpec(examples.shape, c1), seed=7)
     assert [a.shape for a in part.arrays] == [(30,), (30,)]
     assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in part.arrays)
-    part2 = gen.sample(state, 1, SampleSpec(examples.shape, c2), seed=7)
-    assert not np.array_equal(part.arrays[0], part2.arrays[0])
+    # each chunk is exactly that run of the whole sample
+    part2 = gen.sample(state, 2, SampleSpec(examples.shape, c2), seed=7)
+    for a, b, whole in zip(part.arrays, part2.arrays, first.arrays, strict=False):
+        np.testing.assert_array_equal(a, whole.reshape(-1)[10:40])
+        np.testing.assert_array_equal(b, whole.reshape(-1)[50:80])
 
 
-@pytest.mark.parametrize("generator", BASELINES + ZOO_BASELINES)
+@pytest.mark.parametrize("generator", ALL)
 def test_fingerprint_follows_inputs(generator: str, tensors: dict[str, np.ndarray]) -> None:
     gen = get(generator)()
     examples = examples_for(generator, tensors)
@@ -116,7 +155,12 @@ def test_fingerprint_follows_inputs(generator: str, tensors: dict[str, np.ndarra
     changed.reshape(-1)[123] += 1e-3
     assert gen.fingerprint(Examples(examples.name, changed)) != fp
     assert gen.fingerprint(Examples("other.name", examples.values)) != fp
-    options = {"noise": {"radius": 0.5}, "pca-gaussian": {"components": 3}, "average": {"k": 3}}
+    options = {
+        "noise": {"radius": 0.5},
+        "pca-gaussian": {"components": 3, "scale": 2.0},
+        "average": {"k": 3},
+        "extrapolate": {"t": 1.0},
+    }
     if generator in options:
         assert gen.fingerprint(examples, options[generator]) != fp
         assert gen.fingerprint(examples, gen.Config(**options[generator])) != fp
@@ -124,7 +168,7 @@ def test_fingerprint_follows_inputs(generator: str, tensors: dict[str, np.ndarra
     assert get(other)().fingerprint(examples) != fp
 
 
-@pytest.mark.parametrize("generator", ZOO_BASELINES)
+@pytest.mark.parametrize("generator", NEEDS_ZOO)
 def test_zoo_baselines_refuse_one_checkpoint(generator: str, tensors: dict[str, np.ndarray]) -> None:
     with pytest.raises(WeightsmithError, match=f"{generator} needs at least 2 checkpoints, got 1"):
         get(generator)().fit(Examples.stack(MATRIX, [tensors[MATRIX]]))
@@ -200,6 +244,71 @@ def test_average_of_all_is_the_mean(tensors: dict[str, np.ndarray]) -> None:
     np.testing.assert_allclose(a, examples.values.mean(0), atol=1e-6)
     with pytest.raises(WeightsmithError, match="k=9 needs that many checkpoints, got 8"):
         gen.fit(examples, {"k": 9})
+    state = gen.fit(examples, {"k": "all"})
+    draws = gen.sample(state, 2, SampleSpec(examples.shape), seed=0).arrays
+    for a in draws:
+        np.testing.assert_allclose(a, examples.values.mean(0), atol=1e-6)
+    assert gen.deterministic({"k": "all"}, K) and gen.deterministic({"k": K}, K)
+    assert not gen.deterministic({"k": 2}, K)
+    with pytest.raises(WeightsmithError, match="average k"):
+        gen.fit(examples, {"k": "most"})
+
+
+def test_average_of_k_averages_k_members(tensors: dict[str, np.ndarray]) -> None:
+    examples = zoo(MATRIX, tensors[MATRIX])
+    gen = get("average")()
+    state = gen.fit(examples, {"k": 4})
+    flat = examples.flat().astype(np.float64)
+    subsets = [np.array(c) for c in itertools.combinations(range(K), 4)]
+    for a in gen.sample(state, 5, SampleSpec(examples.shape), seed=1).arrays:
+        errors = [np.abs(a.reshape(-1) - flat[c].mean(0)).max() for c in subsets]
+        assert min(errors) < 1e-6  # the mean of exactly one subset of 4 members
+
+
+def test_zoo_member_copies_a_member_chosen_per_sample(tensors: dict[str, np.ndarray]) -> None:
+    examples = zoo(MATRIX, tensors[MATRIX])
+    gen = get("zoo-member")()
+    draws = gen.sample(gen.fit(examples), 24, SampleSpec(examples.shape), seed=0).arrays
+    chosen = []
+    for a in draws:
+        (hits,) = np.nonzero([np.array_equal(a, m) for m in examples.values])
+        assert hits.size == 1
+        chosen.append(int(hits[0]))
+    assert len(set(chosen)) >= 4  # different members, not one
+    # the member is a per-sample choice: another tensor's sample i copies the same member
+    other = zoo("other.weight", tensors[MATRIX] * 2 + 1)
+    again = gen.sample(gen.fit(other), 24, SampleSpec(other.shape), seed=0).arrays
+    for a, k in zip(again, chosen, strict=True):
+        np.testing.assert_array_equal(a, other.values[k])
+
+
+def test_latest_and_extrapolate_follow_the_run(tensors: dict[str, np.ndarray]) -> None:
+    examples = zoo(MATRIX, tensors[MATRIX])
+    first, last = examples.values[0].astype(np.float64), examples.values[-1].astype(np.float64)
+    latest = get("latest")()
+    assert latest.ordered and latest.deterministic(None, K)
+    (a,) = latest.sample(latest.fit(examples), 1, SampleSpec(examples.shape), seed=5).arrays
+    np.testing.assert_array_equal(a, examples.values[-1])
+    extrapolate = get("extrapolate")()
+    assert extrapolate.ordered and extrapolate.deterministic({"t": 0.3}, K)
+    for t in (0.0, 0.3, 1.0):
+        (b,) = extrapolate.sample(extrapolate.fit(examples, {"t": t}), 1, SampleSpec(examples.shape), seed=5).arrays
+        np.testing.assert_allclose(b, last + t * (last - first), rtol=1e-6, atol=1e-7)
+    with pytest.raises(WeightsmithError, match="extrapolate t"):
+        extrapolate.fit(examples, {"t": -1.0})
+
+
+def test_pca_gaussian_scale_scales_the_spread(tensors: dict[str, np.ndarray]) -> None:
+    examples = zoo(MATRIX, tensors[MATRIX])
+    gen = get("pca-gaussian")()
+    mean = examples.values.mean(0)
+    spread = {}
+    for scale in (0.0, 0.5, 2.0):
+        draws = gen.sample(gen.fit(examples, {"scale": scale}), 3, SampleSpec(examples.shape), seed=4).arrays
+        spread[scale] = [float(np.linalg.norm(a - mean)) for a in draws]
+    assert max(spread[0.0]) < 1e-5 and gen.deterministic({"scale": 0.0}, K)
+    # the same z: scale 2 goes four times as far as scale 0.5, sample by sample
+    np.testing.assert_allclose(spread[2.0], [4 * d for d in spread[0.5]], rtol=1e-4)
 
 
 def test_bad_inputs_are_user_errors(tensors: dict[str, np.ndarray]) -> None:
@@ -213,7 +322,7 @@ def test_bad_inputs_are_user_errors(tensors: dict[str, np.ndarray]) -> None:
     state = noise.fit(examples)
     with pytest.raises(WeightsmithError, match=r"samples the examples' shape \(320, 4\)"):
         noise.sample(state, 1, SampleSpec((10, 128)), seed=0)
-    with pytest.raises(WeightsmithError, match="state of noise v1 given to permute"):
+    with pytest.raises(WeightsmithError, match="state of noise v2 given to permute"):
         get("permute")().sample(state, 1, SampleSpec(x.shape), seed=0)
     with pytest.raises(WeightsmithError, match="at least 1"):
         noise.sample(state, 0, SampleSpec(x.shape), seed=0)
@@ -244,12 +353,12 @@ def test_state_bytes_are_not_pickled(tensors: dict[str, np.ndarray]) -> None:
         assert back.arrays[key].dtype == a.dtype
 
 
-@pytest.mark.parametrize("generator", BASELINES + ZOO_BASELINES)
+@pytest.mark.parametrize("generator", ALL)
 def test_constant_tensors(generator: str, fixtures_dir: Path) -> None:
     """All-zero and all-one tensors (std 0) give finite samples; baselines reproduce them."""
     for name, x in load_file(fixtures_dir / CONSTANT).items():
         one = Examples.stack(name, [x])
-        examples = Examples.stack(name, [x] * 3) if generator in ZOO_BASELINES else one
+        examples = Examples.stack(name, [x] * 3) if generator in NEEDS_ZOO else one
         gen = get(generator)()
         (a,) = gen.sample(gen.fit(examples), 1, SampleSpec(x.shape), seed=0).arrays
         np.testing.assert_array_equal(a, x)

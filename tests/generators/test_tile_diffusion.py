@@ -9,6 +9,7 @@ GPU test runs only where CUDA is available.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,22 @@ def test_chunk_sample(fitted: State, examples: Examples) -> None:
     # a chunk cut at the tensor's end
     tail = SampleSpec(examples.shape, chunk_region(examples.shape, parse_size("2KB"), 6000))
     assert gen.sample(fitted, 1, tail, seed=0).arrays[0].shape == (144,)
+
+    # each tile draws its own noise, so a chunk is that run of the whole sample (up to the
+    # rounding of a convolution over a batch of another size)
+    whole = gen.sample(fitted, 2, SampleSpec(examples.shape), seed=0).arrays
+    for part, w in zip(result.arrays, whole, strict=True):
+        np.testing.assert_allclose(part, w.reshape(-1)[100:600], rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+
+
+def test_two_tensors_never_share_noise(fitted: State, examples: Examples) -> None:
+    """The same networks under another tensor name (two alike tensors of one group) draw other
+    noise: version 1 gave them the same sample."""
+    gen = TileDiffusion()
+    spec = SampleSpec(examples.shape)
+    (a,) = gen.sample(fitted, 1, spec, seed=0).arrays
+    (b,) = gen.sample(replace(fitted, tensor="another.tensor"), 1, spec, seed=0).arrays
+    assert not np.allclose(a, b)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,21 @@ model, K >= 2 for a zoo), and draws new values for that tensor:
 
 `fit` validates the config and the examples, then calls the generator's `_fit`; `sample`
 checks the state and the request, then calls `_sample`, whose default draws one array at a
-time with `_draw` from a numpy generator seeded by (seed, sample index, chunk offset), so the
-same seed gives the same arrays on the same device, whatever `n` is.
+time with `_draw` from that sample's `Streams`, so the same seed gives the same arrays on the
+same device, whatever `n` is.
+
+Randomness (SAMPLING_VERSION 2). Every random number is a pure function of the request:
+- per-sample choices (which zoo member, which subset, a shared latent) come from
+  `Streams.choice()`, keyed by (seed, sample): the same for every tensor of a sample, so a
+  group's tensors are perturbations of one member;
+- per-value noise comes from `Streams.normal()`, keyed by (seed, sample, tensor name) and
+  drawn in fixed blocks of NOISE_BLOCK elements, so two tensors never share noise (a joint
+  stack's tensors each have their own stream, named in `Examples.parts`) and a chunk's values
+  are exactly that slice of the whole tensor's draw;
+- draws that must be taken whole (a permutation, PCA coefficients) use `Streams.tensor()`,
+  keyed by (seed, sample, tensor name).
+Version 1 keyed everything by (seed, sample, chunk offset) only, so every tensor of a sample
+drew the same numbers; predictions record the version (predict.py) so none of them is reused.
 
 A `State` is numpy arrays plus JSON; `state_to_bytes` / `state_from_bytes` store it as an
 .npz without pickle. `Generator.fingerprint(examples, config)` names the inputs of a fit, so a
@@ -27,6 +40,7 @@ import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,6 +52,8 @@ from weightsmith.stats import RunningStats
 
 STATE_FORMAT = 1  # layout of the bytes written by state_to_bytes
 _META_KEY = "__state__"  # the .npz member holding the JSON part of a State
+SAMPLING_VERSION = 2  # how samples derive their random numbers (see the module docstring)
+NOISE_BLOCK = 1 << 16  # elements per independently seeded block of a tensor's noise stream
 
 
 class GeneratorConfig(BaseModel):
@@ -52,12 +68,16 @@ class Examples:
 
     name: str  # the tensor's name
     values: np.ndarray  # (K, *shape) float32, C-contiguous; K = 1 for a single model
+    parts: tuple[str, ...] = ()  # a joint stack (K, n, ...): the names of its n tensors, in order
 
     def __post_init__(self) -> None:
         v = np.asarray(self.values)
         if v.ndim < 1 or v.shape[0] < 1:
             raise WeightsmithError(self.name, f"examples need shape (K>=1, ...), got {v.shape}")
         object.__setattr__(self, "values", np.ascontiguousarray(v, dtype=np.float32))
+        object.__setattr__(self, "parts", tuple(self.parts))
+        if self.parts and (v.ndim < 2 or v.shape[1] != len(self.parts)):
+            raise WeightsmithError(self.name, f"{len(self.parts)} stacked tensors named, values are {v.shape}")
 
     @classmethod
     def stack(cls, name: str, tensors: list[np.ndarray]) -> Examples:
@@ -84,6 +104,11 @@ class Examples:
     def flat(self) -> np.ndarray:
         """(K, numel) view of the values."""
         return self.values.reshape(self.k, self.numel)
+
+    @cached_property
+    def sha256(self) -> str:
+        """sha256 of the float32 values (K, *shape) in C order: which examples a fit saw."""
+        return hashlib.sha256(self.values.reshape(-1).view(np.uint8)).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,12 @@ class State:
     fingerprint: str  # Generator.fingerprint of the fit's inputs
     arrays: dict[str, np.ndarray]  # learned arrays (numeric dtypes; names without "__state__")
     info: dict = field(default_factory=dict)  # JSON-able extras (e.g. training losses)
+    parts: tuple[str, ...] = ()  # Examples.parts of a joint fit: the stacked tensors' names
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The tensors along the flattened values: a joint stack's parts, else the one tensor."""
+        return self.parts or (self.tensor,)
 
 
 @dataclass(frozen=True)
@@ -161,6 +192,7 @@ def state_to_bytes(state: State) -> bytes:
         "checkpoints": state.checkpoints,
         "fingerprint": state.fingerprint,
         "info": state.info,
+        "parts": list(state.parts),
     }
     blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     members = {_META_KEY: blob, **{k: np.asarray(a) for k, a in state.arrays.items()}}
@@ -197,17 +229,87 @@ def state_from_bytes(data: bytes) -> State:
         fingerprint=meta["fingerprint"],
         arrays=arrays,
         info=meta["info"],
+        parts=tuple(meta.get("parts", ())),
     )
 
 
-def sample_seed(seed: int, index: int, spec: SampleSpec) -> int:
-    """A 64-bit seed for sample `index` of a request: distinct per sample and per chunk.
+def _seed_sequence(*key: str | int, spawn: int | None = None) -> np.random.SeedSequence:
+    """A SeedSequence named by `key` (a tag, then seed, sample, ...): sha256 of its JSON, so keys
+    of any length and any tensor name never collide; `spawn` picks a block of that stream."""
+    words = np.frombuffer(hashlib.sha256(json.dumps(key).encode()).digest(), dtype="<u4")
+    return np.random.SeedSequence([int(w) for w in words], spawn_key=() if spawn is None else (spawn,))
 
-    Chunks of one tensor drawn with the same seed get independent streams, so spliced chunks
-    never repeat each other. Torch generators use it as `torch.Generator(d).manual_seed(...)`.
+
+def sample_seed(seed: int, index: int, name: str | None = None) -> int:
+    """A 63-bit seed for torch generators: sample `index` of a request, shared by every tensor
+    of the sample (name None: a shared latent) or a tensor's own (`name`).
+
+    Use it as `torch.Generator(d).manual_seed(...)`.
     """
-    offset = 0 if spec.chunk is None else spec.chunk.offset
-    return int(np.random.SeedSequence([seed, index, offset]).generate_state(1, np.uint64)[0])
+    key = ("sample", seed, index) if name is None else ("tensor-seed", seed, index, name)
+    return int(_seed_sequence(*key).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def standard_normal(seed: int, index: int, name: str, start: int, stop: int, stream: str = "values") -> np.ndarray:
+    """Values [start, stop) of tensor `name`'s N(0, 1) stream in sample `index` (float32).
+
+    The stream is cut into blocks of NOISE_BLOCK values, each from its own seeded generator,
+    so any range costs at most one block more than its length and equals the same range of
+    any longer draw. `stream` names independent streams of one tensor (e.g. a tile's latent
+    and its pixels).
+    """
+    out = np.empty(max(stop - start, 0), dtype=np.float32)
+    for b in range(start // NOISE_BLOCK, -(-stop // NOISE_BLOCK)):
+        b0 = b * NOISE_BLOCK
+        lo, hi = max(start, b0), min(stop, b0 + NOISE_BLOCK)
+        rng = np.random.Generator(np.random.PCG64(_seed_sequence("normal", stream, seed, index, name, spawn=b)))
+        # values are drawn in order, so the first hi - b0 of a block are the same in any draw
+        out[lo - start : hi - start] = rng.standard_normal(hi - b0, dtype=np.float32)[lo - b0 :]
+    return out
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The random numbers of sample `index` of a request (see the module docstring)."""
+
+    seed: int
+    index: int
+    names: tuple[str, ...]  # the tensors along the flattened values (State.names)
+    spec: SampleSpec
+
+    def choice(self) -> np.random.Generator:
+        """Per-sample choices: the same generator for every tensor of the sample."""
+        return np.random.default_rng(_seed_sequence("choice", self.seed, self.index))
+
+    def member(self, k: int) -> int:
+        """The zoo member (of k) that sample `index` starts from, the same for every tensor."""
+        return int(self.choice().integers(k))
+
+    def tensor(self, name: str) -> np.random.Generator:
+        """Tensor `name`'s own generator, for draws taken whole (a permutation, coefficients)."""
+        return np.random.default_rng(_seed_sequence("tensor", self.seed, self.index, name))
+
+    def normal(self) -> np.ndarray:
+        """N(0, 1) values of spec.region, shaped spec.out_shape, each tensor from its own stream."""
+        region, numel = self.spec.region, self.spec.numel
+        assert numel % len(self.names) == 0, (self.names, self.spec.shape)
+        m = numel // len(self.names)  # values per stacked tensor
+        pieces = []
+        for j, name in enumerate(self.names):
+            lo, hi = max(region.start, j * m), min(region.stop, (j + 1) * m)
+            if lo < hi:
+                pieces.append(standard_normal(self.seed, self.index, name, lo - j * m, hi - j * m))
+        return np.concatenate(pieces).reshape(self.spec.out_shape)
+
+    def spread(self, per_part: np.ndarray) -> np.ndarray:
+        """One value per stacked tensor (len(names),), spread over spec.region: flat, or the
+        one value itself (0-d) for a single tensor, so a big tensor costs no index array."""
+        if len(self.names) == 1:
+            return per_part[0]
+        m = self.spec.numel // len(self.names)
+        r = self.spec.region
+        counts = [max(0, min(r.stop, (j + 1) * m) - max(r.start, j * m)) for j in range(len(self.names))]
+        return np.repeat(per_part, counts)
 
 
 def moments(values: np.ndarray, block: int = 1 << 22) -> tuple[float, float]:
@@ -223,13 +325,14 @@ class Generator(ABC):
     """A way to draw new values of a tensor from examples of it.
 
     Subclasses set `name`, `Config`, `min_checkpoints` (2 for zoo methods) and implement
-    `_fit`, and either `_draw` (one sample from a numpy generator) or `_sample` (whole
+    `_fit`, and either `_draw` (one sample from its `Streams`) or `_sample` (whole
     batches, e.g. on a GPU with torch generators seeded by `sample_seed`).
     """
 
     name: ClassVar[str]  # registry name
     Config: ClassVar[type[GeneratorConfig]] = GeneratorConfig  # the options of `fit`
     min_checkpoints: ClassVar[int] = 1  # fewest examples K that `fit` accepts
+    ordered: ClassVar[bool] = False  # needs the examples in training order (first .. last)
     version: ClassVar[int] = 1  # bump when `_fit` changes, so stored states are not reused
 
     def __init__(self, device: str = "cpu"):
@@ -256,9 +359,15 @@ class Generator(ABC):
             "tensor": examples.name,
             "shape": list(examples.values.shape),
         }
+        if examples.parts:  # single tensors keep the fingerprints they had before parts existed
+            head["parts"] = list(examples.parts)
         h.update(json.dumps(head, sort_keys=True).encode())
         h.update(examples.values.reshape(-1).view(np.uint8))
         return h.hexdigest()
+
+    def deterministic(self, config: GeneratorConfig | Mapping[str, Any] | None, k: int) -> bool:
+        """True when every sample of a fit on k examples with this config is the same (score one)."""
+        return False
 
     def fit(self, examples: Examples, config: GeneratorConfig | Mapping[str, Any] | None = None) -> State:
         """Learn from the examples.
@@ -268,7 +377,8 @@ class Generator(ABC):
             config: a `Config`, a mapping of its fields, or None for the defaults.
 
         Returns:
-            The state that `sample` draws from; the caller stores it under `fingerprint`.
+            The state that `sample` draws from; the caller stores it under `fingerprint`. Its
+            info["examples"] says which examples it saw (K and the values' sha256).
         """
         cfg = self.config(config)
         if examples.k < self.min_checkpoints:
@@ -290,7 +400,8 @@ class Generator(ABC):
             checkpoints=examples.k,
             fingerprint=self.fingerprint(examples, cfg),
             arrays=arrays,
-            info=info,
+            info={**info, "examples": {"k": examples.k, "sha256": examples.sha256}},
+            parts=examples.parts,
         )
 
     def sample(self, state: State, n: int, spec: SampleSpec, seed: int) -> SampleResult:
@@ -322,11 +433,11 @@ class Generator(ABC):
         config = self.Config.model_validate(state.config)
         arrays = []
         for i in range(n):
-            rng = np.random.default_rng(sample_seed(seed, i, spec))
-            arrays.append(np.ascontiguousarray(self._draw(state, config, spec, rng), dtype=np.float32))
+            streams = Streams(seed, i, state.names, spec)
+            arrays.append(np.ascontiguousarray(self._draw(state, config, spec, streams), dtype=np.float32))
         return SampleResult(arrays=arrays, devices=["cpu"] * n, seed=seed)
 
-    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, streams: Streams) -> np.ndarray:
         """One sample of spec.out_shape (used by the default `_sample`)."""
         raise NotImplementedError(f"{self.name} implements neither _draw nor _sample")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from weightsmith.generators.base import Examples, Generator, GeneratorConfig, SampleSpec, State
+from weightsmith.generators.base import Examples, Generator, GeneratorConfig, SampleSpec, State, Streams
 
 
 class CoordGaussianConfig(GeneratorConfig):
@@ -29,8 +29,8 @@ class CoordGaussian(Generator):
         std = flat.std(axis=0, ddof=1, dtype=np.float64)  # (numel,)
         return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}, {}
 
-    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, streams: Streams) -> np.ndarray:
         self._require_shape(state, spec)
         mean = state.arrays["mean"][spec.region]
         std = state.arrays["std"][spec.region]
-        return (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)).reshape(spec.out_shape)
+        return (mean + std * streams.normal().reshape(-1)).reshape(spec.out_shape)

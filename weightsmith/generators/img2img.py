@@ -112,7 +112,7 @@ class Img2Img(Generator):
         todo = _covering_tiles(encoded.layout, spec)  # only the tiles the request reads
         arrays, devices = [], []
         for i in range(n):
-            base = sample_seed(seed, i, spec)
+            base = sample_seed(seed, i, state.tensor)  # the tensor's own; tiles seeded from it
             tiles = encoded.tiles.copy()  # (n_tiles, t, t); tiles outside `todo` are not read
             used: set[str] = set()
             for start in range(0, todo.size, config.batch_size):

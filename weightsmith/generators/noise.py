@@ -3,10 +3,14 @@
 x = source + r * std(source) * N(0, 1), with r in units of the source's per-tensor std, so
 that a distance from the source (novelty) means the same thing for every tensor and every
 generator; a report sweeps r to compare generators at equal novelty. With K > 1 each sample
-perturbs a randomly chosen checkpoint.
+perturbs a zoo member chosen per sample (the same member for every tensor of the sample); a
+joint stack scales each stacked tensor's noise by that tensor's own std.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -17,6 +21,7 @@ from weightsmith.generators.base import (
     GeneratorConfig,
     SampleSpec,
     State,
+    Streams,
     moments,
 )
 
@@ -32,17 +37,21 @@ class Noise(Generator):
 
     name = "noise"
     Config = NoiseConfig
+    version = 2  # v1: one std per member over a whole joint stack
+
+    def deterministic(self, config: GeneratorConfig | Mapping[str, Any] | None, k: int) -> bool:
+        return k == 1 and self.config(config).radius == 0.0
 
     def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         flat = examples.flat()  # (K, numel)
-        stds = np.array([moments(row)[1] for row in flat], dtype=np.float64)  # (K,)
-        return {"checkpoints": flat, "stds": stds}, {}
+        parts = max(len(examples.parts), 1)
+        stds = np.array([[moments(p)[1] for p in row.reshape(parts, -1)] for row in flat], dtype=np.float64)
+        return {"checkpoints": flat, "stds": stds}, {}  # (K, numel), (K, parts)
 
-    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
+    def _draw(self, state: State, config: GeneratorConfig, spec: SampleSpec, streams: Streams) -> np.ndarray:
         assert isinstance(config, NoiseConfig)
         self._require_shape(state, spec)
-        k = rng.integers(state.arrays["checkpoints"].shape[0])
+        k = streams.member(state.arrays["checkpoints"].shape[0])
         source = state.arrays["checkpoints"][k, spec.region]
-        z = rng.standard_normal(source.shape, dtype=np.float32)
-        sigma = np.float32(config.radius * state.arrays["stds"][k])
-        return (source + sigma * z).reshape(spec.out_shape)
+        sigma = streams.spread((config.radius * state.arrays["stds"][k]).astype(np.float32))
+        return (source + sigma * streams.normal().reshape(-1)).reshape(spec.out_shape)

@@ -2,12 +2,19 @@
 
 Values are "module:Class" paths, so listing the names (CLI help, config validation) does not
 import torch or diffusers for the diffusion generators.
+
+Below them, the tables a report reads to pick its baselines: which apply to every group, to a
+zoo, to an ordered zoo, the settings each is swept over, and `zoo_baselines`, which turns them
+into runs for a zoo of K members, marking those that are deterministic (one sample).
 """
 
 from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.generators.base import Generator
@@ -21,13 +28,24 @@ GENERATORS: dict[str, str] = {
     "coord-gaussian": "weightsmith.generators.coord_gaussian:CoordGaussian",
     "pca-gaussian": "weightsmith.generators.pca_gaussian:PcaGaussian",
     "average": "weightsmith.generators.average:Average",
+    "zoo-member": "weightsmith.generators.zoo_member:ZooMember",
+    "latest": "weightsmith.generators.trajectory:Latest",
+    "extrapolate": "weightsmith.generators.trajectory:Extrapolate",
     "zoo-diffusion": "weightsmith.generators.zoo_diffusion:ZooDiffusion",
     "tile-diffusion": "weightsmith.generators.tile_diffusion:TileDiffusion",
     "img2img": "weightsmith.generators.img2img:Img2Img",
 }
 
-BASELINES = ("gaussian", "permute", "noise")  # in every report
-ZOO_BASELINES = ("coord-gaussian", "pca-gaussian", "average")  # in reports with K >= 2 checkpoints
+BASELINES = ("gaussian", "permute", "noise")  # in every report (fitted on the zoo when there is one)
+ZOO_BASELINES = ("coord-gaussian", "pca-gaussian", "average", "zoo-member")  # in reports with K >= 2 checkpoints
+ORDERED_BASELINES = ("latest", "extrapolate")  # in reports whose zoo.json says `ordered: true`
+# Settings a report runs, one label each (noise radii are the pipeline's: they follow the
+# candidates' novelty). Baselines not listed run once with their defaults.
+SWEEPS: dict[str, tuple[dict, ...]] = {
+    "pca-gaussian": ({"scale": 0.5}, {"scale": 1.0}, {"scale": 2.0}),
+    "average": ({"k": 2}, {"k": 4}, {"k": "all"}),
+    "extrapolate": ({"t": 0.1}, {"t": 0.3}, {"t": 1.0}),
+}
 
 
 def get(name: str) -> type[Generator]:
@@ -41,3 +59,35 @@ def get(name: str) -> type[Generator]:
         generator = getattr(importlib.import_module(module), cls)
     assert generator.name == name, (name, generator.name)
     return generator
+
+
+@dataclass(frozen=True)
+class BaselineRun:
+    """One baseline label of a report (named by `weightsmith.vet.baseline_label`)."""
+
+    generator: str  # registry name
+    config: dict  # its options
+    deterministic: bool  # every sample is the same: score one
+
+
+def deterministic(generator: str, config: Mapping[str, Any] | None, k: int) -> bool:
+    """True when every sample of `generator` fitted on k examples with `config` is the same."""
+    return get(generator)().deterministic(config, k)
+
+
+def zoo_baselines(k: int, ordered: bool) -> list[BaselineRun]:
+    """The zoo baselines of a group whose zoo has k members (ordered: zoo.json says so).
+
+    Each of ZOO_BASELINES (and, for an ordered zoo, ORDERED_BASELINES) with each of its SWEEPS
+    settings that fits k members: an average of k' >= k members is the zoo's mean, run once
+    as k="all". None for k < 2.
+    """
+    if k < 2:
+        return []
+    runs = []
+    for name in ZOO_BASELINES + (ORDERED_BASELINES if ordered else ()):
+        for config in SWEEPS.get(name, ({},)):
+            if name == "average" and config["k"] != "all" and config["k"] >= k:
+                continue
+            runs.append(BaselineRun(name, dict(config), deterministic(name, config, k)))
+    return runs

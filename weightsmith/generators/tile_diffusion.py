@@ -13,6 +13,8 @@ tile is) from the K examples:
    and an MSE on the predicted noise (epsilon; v-prediction is an option).
 3. Sampling runs a few DDIM steps (Song et al. 2021, eta = 0) from seeded Gaussian noise,
    decodes the latents to tiles and the tiles to the tensor (`weightsmith.codec.decode`).
+   Each tile's noise is its own run of the tensor's stream (`_tile_noise`), so a chunk is the
+   same run of the whole sample and two tensors fitted apart never share noise.
 
 Conditioning on position: two extra input channels hold each (latent) pixel's normalised
 row and column in the padded 2-D view ("CoordConv", Liu et al. 2018). Unlike one label per
@@ -27,6 +29,7 @@ Training uses random t x t crops of the examples' padded, normalised 2-D views; 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import replace
 from typing import Literal
@@ -46,7 +49,7 @@ from weightsmith.generators.base import (
     SampleSpec,
     State,
     device_name,
-    sample_seed,
+    standard_normal,
 )
 
 _COORDS = 2  # extra UNet input channels: normalised row and column of each pixel
@@ -168,13 +171,12 @@ class TileDiffusion(Generator):
         cpu_models: _Models | None = None  # built on the first batch that runs out of memory
         arrays, devices = [], []
         for i in range(n):
-            rng = torch.Generator(dev).manual_seed(sample_seed(seed, i, spec))
             tiles = np.empty((index.size, cfg.tile, cfg.tile), dtype=np.float32)
             fell_back = False
             for b0 in range(0, index.size, cfg.sample_batch):
                 batch = index[b0 : b0 + cfg.sample_batch]
-                z = torch.randn((batch.size, cfg.channels, cfg.side, cfg.side), generator=rng, device=dev)
-                r = torch.randn((batch.size, cfg.tile, cfg.tile), generator=rng, device=dev)
+                z = _tile_noise(seed, i, state.tensor, "latent", batch, (cfg.channels, cfg.side, cfg.side), dev)
+                r = _tile_noise(seed, i, state.tensor, "residual", batch, (cfg.tile, cfg.tile), dev)
                 try:
                     out = models.denoise(layout, batch, z, r)
                 except torch.cuda.OutOfMemoryError:
@@ -192,6 +194,18 @@ class TileDiffusion(Generator):
             name = device_name(dev)
             devices.append(f"{name}->cpu" if fell_back else name)
         return SampleResult(arrays=arrays, devices=devices, seed=seed)
+
+
+def _tile_noise(
+    seed: int, index: int, name: str, stream: str, tiles: np.ndarray, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """N(0, 1) noise (len(tiles), *shape) for sampling: tile j's values are run j of the tensor's
+    own stream (`standard_normal`), so a tile draws the same noise in any batch, chunk or n, and
+    two tensors (or two tiles) never share it."""
+    per = math.prod(shape)
+    lo, hi = int(tiles.min()), int(tiles.max()) + 1
+    values = standard_normal(seed, index, name, lo * per, hi * per, stream).reshape(hi - lo, *shape)
+    return torch.from_numpy(values[tiles - lo]).to(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ spatial order for convolutions to exploit. An MLP with a sinusoidal timestep emb
 batch of 64 through 20 DDIM steps in milliseconds on a CPU core.
 
 Samples are drawn in fixed-size batches (padded), so sample i is bit-identical whatever n is.
-Its noise comes from `sample_seed(seed, i, whole tensor)`: every chunk of a tensor drawn with
-the same seed is a piece of the same whole sample, so spliced chunks form one coherent tensor.
+Its noise is one latent per sample, keyed by (seed, i) alone (`sample_seed(seed, i)`): every
+chunk of a tensor drawn with the same seed is a piece of the same whole sample, so spliced
+chunks form one coherent tensor, and a group fitted jointly is drawn jointly.
 """
 
 from __future__ import annotations
@@ -171,7 +172,6 @@ class ZooDiffusion(Generator):
         self._require_shape(state, spec)
         config = ZooDiffusionConfig.model_validate(state.config)
         batch = min(config.sample_batch, max(1, _BATCH_BYTES // (4 * math.prod(state.shape))))
-        whole = SampleSpec(state.shape)  # one noise stream per sample, shared by its chunks
         nets: dict[str, _Sampler] = {}  # per device, made on first use
 
         def run(device: str, gens: list[torch.Generator]) -> list[np.ndarray]:
@@ -184,7 +184,7 @@ class ZooDiffusion(Generator):
         with _threads(self.device):
             for start in range(0, n, batch):
                 gens = [
-                    torch.Generator("cpu").manual_seed(sample_seed(seed, i, whole))
+                    torch.Generator("cpu").manual_seed(sample_seed(seed, i))  # one latent per sample
                     for i in range(start, min(n, start + batch))
                 ]
                 device = self.device
