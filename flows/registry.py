@@ -3,5 +3,6 @@
 from flows.extract import extract_model
 from flows.pipeline import weightsmith_pipeline
 from flows.predict import dispatch_predict
+from flows.zoo import build_zoo
 
-FLOWS = {"extract": extract_model, "predict": dispatch_predict, "run": weightsmith_pipeline}
+FLOWS = {"extract": extract_model, "predict": dispatch_predict, "run": weightsmith_pipeline, "zoo": build_zoo}

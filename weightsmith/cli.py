@@ -452,11 +452,13 @@ def _register_subcommands() -> None:
     from weightsmith import cli_upkeep
     from weightsmith.cli_dev import dev_app
     from weightsmith.cli_leaderboard import leaderboard
+    from weightsmith.cli_zoo import zoo_app
 
     app.add_typer(dev_app, name="dev", help="Local stack without Docker: SeaweedFS, Prefect server, workers.")
     app.command("leaderboard")(user_errors(leaderboard))
     app.command("ls")(cli_upkeep.ls)
     app.command("gc")(cli_upkeep.gc)
+    app.add_typer(zoo_app, name="zoo", help="Zoos from the models in the store: build, ls, show.")
 
 
 _register_subcommands()
