@@ -17,7 +17,7 @@ from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import MANIFEST, parse_model_url
 from weightsmith.restore import restore
 from weightsmith.store import Store, arrays
-from weightsmith.zoo import list_zoos, read_zoo, read_zoo_tensor
+from weightsmith.zoo import list_zoos, read_zoo, read_zoo_base, read_zoo_tensor
 from weightsmith.zoo.build import ZooOptions, base_key, build_unit, build_zoo, prepare, publish
 
 pytestmark = pytest.mark.usefixtures("state_in_tmp")
@@ -139,3 +139,28 @@ def test_quantised_members_join_dequantised(tmp_path: Path, fixtures_dir: Path, 
     for tensor, want in expected.items():  # float32, as `restore --dequantize` writes them
         got = read_zoo_tensor(Store(store), "q", tensor)
         np.testing.assert_array_equal(got[1], want)
+
+
+def test_predict_merges_a_zoo_with_a_base(tmp_path: Path) -> None:
+    from weightsmith.predict import PredictOptions, predict
+
+    store = str(tmp_path / "store")
+    base_values = values(9)
+    urls, vals = models(tmp_path, store)
+    base = store_model(base_values, tmp_path / "src", "base", store)
+    build_zoo(ZooOptions(zoo_id="tuned", models=tuple(urls), base=base))
+    assert read_zoo_base(Store(store), "tuned", "layer.0.bias").tolist() == base_values["layer.0.bias"].tolist()
+    options = PredictOptions(
+        layer=("layer.0.weight",), generator="task-arithmetic", config={"scale": 1.0}, zoo="tuned", images="none"
+    )
+    run = predict(base, options)
+    w = "layer.0.weight"
+    model = parse_model_url(base)
+    entry = model.store.read_json(model.key("predictions", run.run_id, "prediction.json"))["tensors"][w]
+    got = arrays.open_array(model.store, entry["zarr"])[0]
+    want = base_values[w] + sum(v[w] - base_values[w] for v in vals)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    build_zoo(ZooOptions(zoo_id="plain", models=tuple(urls)))
+    assert read_zoo_base(Store(store), "plain", w) is None
+    with pytest.raises(WeightsmithError, match="build the zoo with --base"):
+        predict(base, options.model_copy(update={"zoo": "plain"}))

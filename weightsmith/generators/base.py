@@ -52,12 +52,17 @@ class Examples:
 
     name: str  # the tensor's name
     values: np.ndarray  # (K, *shape) float32, C-contiguous; K = 1 for a single model
+    base: np.ndarray | None = None  # (*shape) float32: the model the K were fine-tuned from (merges)
 
     def __post_init__(self) -> None:
         v = np.asarray(self.values)
         if v.ndim < 1 or v.shape[0] < 1:
             raise WeightsmithError(self.name, f"examples need shape (K>=1, ...), got {v.shape}")
         object.__setattr__(self, "values", np.ascontiguousarray(v, dtype=np.float32))
+        if self.base is not None:
+            if np.shape(self.base) != v.shape[1:]:
+                raise WeightsmithError(self.name, f"base of shape {np.shape(self.base)}, examples of {v.shape[1:]}")
+            object.__setattr__(self, "base", np.ascontiguousarray(self.base, dtype=np.float32))
 
     @classmethod
     def stack(cls, name: str, tensors: list[np.ndarray]) -> Examples:
@@ -258,6 +263,9 @@ class Generator(ABC):
         }
         h.update(json.dumps(head, sort_keys=True).encode())
         h.update(examples.values.reshape(-1).view(np.uint8))
+        if examples.base is not None:  # after the values: fingerprints of base-less examples are unchanged
+            h.update(b"base")
+            h.update(examples.base.reshape(-1).view(np.uint8))
         return h.hexdigest()
 
     def fit(self, examples: Examples, config: GeneratorConfig | Mapping[str, Any] | None = None) -> State:

@@ -24,10 +24,13 @@ GENERATORS: dict[str, str] = {
     "zoo-diffusion": "weightsmith.generators.zoo_diffusion:ZooDiffusion",
     "tile-diffusion": "weightsmith.generators.tile_diffusion:TileDiffusion",
     "img2img": "weightsmith.generators.img2img:Img2Img",
+    "task-arithmetic": "weightsmith.generators.task_arithmetic:TaskArithmetic",
+    "ties": "weightsmith.generators.ties:Ties",
 }
 
 BASELINES = ("gaussian", "permute", "noise")  # in every report
 ZOO_BASELINES = ("coord-gaussian", "pca-gaussian", "average")  # in reports with K >= 2 checkpoints
+MERGE_BASELINES = ("task-arithmetic", "ties")  # for zoos with a base model (settings: each module's SWEEP)
 
 
 def get(name: str) -> type[Generator]:

@@ -120,6 +120,16 @@ def read_zoo_tensor(store: Store, zoo_id: str, name: str) -> np.ndarray:
     return np.asarray(arrays.open_array(store, records[name]["key"])[...], dtype=np.float32)
 
 
+def read_zoo_base(store: Store, zoo_id: str, name: str) -> np.ndarray | None:
+    """The base model's tensor `name` (one member's shape, float32), or None for a zoo without a base."""
+    base = read_zoo(store, zoo_id).get("base")
+    if not base:
+        return None
+    if name not in base["tensors"]:
+        raise WeightsmithError(f"zoo {zoo_id!r}", f"its base has no tensor {name!r}")
+    return np.asarray(arrays.open_array(store, base["tensors"][name]["key"])[0], dtype=np.float32)
+
+
 def list_zoos(store: Store) -> list[str]:
     """Ids of the complete zoos in the store, sorted."""
     found = (key.split("/") for key in store.list("zoos"))
