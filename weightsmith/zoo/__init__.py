@@ -114,10 +114,13 @@ def read_zoo(store: Store, zoo_id: str) -> dict:
 
 def read_zoo_tensor(store: Store, zoo_id: str, name: str) -> np.ndarray:
     """The K checkpoints of tensor `name`, stacked: (K, *shape) float32."""
-    records = read_zoo(store, zoo_id)["tensors"]
+    manifest = read_zoo(store, zoo_id)
+    records = manifest["tensors"]
     if name not in records:
         raise WeightsmithError(f"zoo {zoo_id!r}", f"has no tensor {name!r}")
-    return np.asarray(arrays.open_array(store, records[name]["key"])[...], dtype=np.float32)
+    # zoo.json is the authority on K: a growing zoo's arrays may hold rows of an unfinished append
+    k = manifest["checkpoints"]
+    return np.asarray(arrays.open_array(store, records[name]["key"])[:k], dtype=np.float32)
 
 
 def read_zoo_base(store: Store, zoo_id: str, name: str) -> np.ndarray | None:
