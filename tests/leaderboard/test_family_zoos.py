@@ -182,3 +182,31 @@ def test_the_flow_grows_a_family_zoo_from_the_hub(tmp_path: Path, monkeypatch: p
         assert read_zoo(Store(store), ZOO) == zoo
     finally:
         stop_hub(hub)
+
+
+def test_the_cli_grows_family_zoos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from weightsmith.cli import app
+
+    monkeypatch.setenv("COLUMNS", "200")
+    src, store = tmp_path / "src", str(tmp_path / "store")
+    model_file(src, "t1", weights(1))
+    model_file(src, "odd", weights(3, cols=5))
+    manifest = src / "m.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            [
+                {"id": "acme/t1", "source": "t1/model.safetensors", "revision": "r1", "base_model": "acme/base"},
+                {"id": "acme/odd", "source": "odd/model.safetensors", "revision": "r1", "base_model": "acme/base"},
+            ]
+        )
+    )
+    args = ["leaderboard", "--source", str(manifest), "--store", store, "--no-prefect", "--zoo", "family"]
+    result = CliRunner().invoke(app, [*args, "--zoo-include", "w"])
+    assert result.exit_code == 0, result.stderr
+    assert f"zoo {ZOO}: acme/t1@r1 appended" in result.stderr
+    assert f"zoo {ZOO}: acme/odd@r1 skipped (tensor 'w' has shape [3, 5], the zoo has [3, 4])" in result.stderr
+    assert list(read_zoo(Store(store), ZOO)["tensors"]) == ["w"]
+    bad = CliRunner().invoke(app, [*args[:-1], "sideways"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --zoo:"), bad.stderr
