@@ -49,7 +49,9 @@ def build(
     model: Annotated[list[str], typer.Option("--model", help="A member: <store>/models/<slug>/<revision> (repeat).")],
     include: Annotated[list[str] | None, typer.Option(help="Glob over tensor names (repeatable).")] = None,
     base: Annotated[str | None, typer.Option(help="The model the members were fine-tuned from.")] = None,
-    align: Annotated[str, typer.Option(help="none, or permutation: match MLP hidden units to member 1.")] = "none",
+    align: Annotated[
+        str, typer.Option(help="none, or permutation: match MLP hidden units to the first --model.")
+    ] = "none",
     ordered: Annotated[
         bool, typer.Option("--ordered", help="The members are a sequence (one run's checkpoints).")
     ] = False,
