@@ -78,7 +78,7 @@ def test_mismatched_members_write_nothing(tmp_path: Path) -> None:
         with pytest.raises(WeightsmithError) as e:
             build_zoo(ZooOptions(zoo_id="z", models=(urls[0], bad, urls[1])))
         assert str(e.value) == message
-    with pytest.raises(WeightsmithError, match="has tensor 'norm.weight', which .* does not select"):
+    with pytest.raises(WeightsmithError, match="has tensor 'norm.weight', which .* does not hold"):
         build_zoo(ZooOptions(zoo_id="z", models=(fewer, urls[0])))
     with pytest.raises(WeightsmithError, match="the base model"):
         build_zoo(ZooOptions(zoo_id="z", models=tuple(urls), base=wider))

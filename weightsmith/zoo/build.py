@@ -105,14 +105,15 @@ def _is_real(record: dict) -> bool:
     return record.get("encoding") == "gguf" or record["dtype"].startswith(("F", "BF"))
 
 
-def _member(url: str) -> tuple[Member, dict]:
+def member_of(url: str) -> tuple[Member, dict]:
+    """The model at `url` as a member (with its manifest's sha256), and its manifest."""
     model = parse_model_url(url)
     manifest = model.manifest()  # a missing or incomplete model is a one-line error
     digest = hashlib.sha256(model.store.read_bytes(model.key(MANIFEST))).hexdigest()
     return Member(model.url, model.slug, model.revision, digest), manifest
 
 
-def _selected(member: Member, manifest: dict, include: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+def select_tensors(member: Member, manifest: dict, include: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """name -> shape of the selected tensors, in manifest order."""
     chosen = {}
     for r in logical_records(manifest):
@@ -124,15 +125,15 @@ def _selected(member: Member, manifest: dict, include: tuple[str, ...]) -> dict[
     return chosen
 
 
-def _first_difference(first: Member, want: dict, member: Member, got: dict) -> str | None:
-    """One line naming the first tensor where `member` differs from `first`, or None."""
+def first_difference(want: dict, got: dict, other: str) -> str | None:
+    """One line naming the first tensor where `got` (name -> shape) differs from `other`'s `want`."""
     for name, shape in want.items():
         if name not in got:
-            return f"has no tensor {name!r} ({first.url} has it)"
+            return f"has no tensor {name!r} ({other} has it)"
         if got[name] != shape:
-            return f"tensor {name!r} has shape {list(got[name])}, {first.url} has {list(shape)}"
+            return f"tensor {name!r} has shape {list(got[name])}, {other} has {list(shape)}"
     extra = next((n for n in got if n not in want), None)
-    return None if extra is None else f"has tensor {extra!r}, which {first.url} does not select"
+    return None if extra is None else f"has tensor {extra!r}, which {other} does not hold"
 
 
 def prepare(options: ZooOptions) -> ZooPlan:
@@ -140,22 +141,22 @@ def prepare(options: ZooOptions) -> ZooPlan:
     zoo_prefix(options.zoo_id)  # a bad id is an error before any manifest is read
     members, selections = [], []
     for url in options.models:
-        member, manifest = _member(url)
+        member, manifest = member_of(url)
         if any(m.url == member.url for m in members):
             raise WeightsmithError(member.url, "given twice as a member")
         members.append(member)
-        selections.append(_selected(member, manifest, options.include))
+        selections.append(select_tensors(member, manifest, options.include))
     want = selections[0]
     if not want:
         raise WeightsmithError(members[0].url, f"no tensor matches --include {' '.join(options.include)}")
     for member, got in zip(members[1:], selections[1:], strict=True):
-        problem = _first_difference(members[0], want, member, got)
+        problem = first_difference(want, got, members[0].url)
         if problem:
             raise WeightsmithError(member.url, problem)
     base = None
     if options.base:
-        base, manifest = _member(options.base)
-        problem = _first_difference(members[0], want, base, _selected(base, manifest, options.include))
+        base, manifest = member_of(options.base)
+        problem = first_difference(want, select_tensors(base, manifest, options.include), members[0].url)
         if problem:
             raise WeightsmithError(base.url, f"(the base model) {problem}")
     units = _units(want, options.align)
@@ -214,7 +215,7 @@ def _records(url: str, manifest_sha256: str) -> dict[str, dict]:
     return {r["name"]: r for r in logical_records(model.manifest())}
 
 
-def _read(member: Member, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def read_member_tensor(member: Member, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """One member's tensor as float32 in its shape (GPTQ/GGUF dequantised, BF16/F16 widened)."""
     record = _records(member.url, member.manifest_sha256)[name]
     blocks = [np.asarray(b, np.float32).reshape(-1) for b in float_values(parse_model_url(member.url), record)]
@@ -230,7 +231,7 @@ def _aligned(unit: StackUnit, models: list[Member]) -> Iterator[list[np.ndarray]
     """Each model's tensors of the unit, one model at a time, aligned to models[0] when the unit is."""
     reference = None
     for model in models:
-        values = [_read(model, n, s) for n, s in zip(unit.names, unit.shapes, strict=True)]
+        values = [read_member_tensor(model, n, s) for n, s in zip(unit.names, unit.shapes, strict=True)]
         if unit.axes is not None:
             if reference is None:
                 reference = values  # member 0: the reference, as it is

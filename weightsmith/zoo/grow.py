@@ -29,7 +29,7 @@ from weightsmith.stats import RunningStats
 from weightsmith.store import Store, arrays
 from weightsmith.store.store import dumps
 from weightsmith.zoo import ZOO_FORMAT, ZOO_MANIFEST, StackWriter, zoo_prefix, zoo_tensor_key
-from weightsmith.zoo.build import _member, _read, _selected
+from weightsmith.zoo.build import first_difference, member_of, read_member_tensor, select_tensors
 
 
 class GrowOptions(BaseModel):
@@ -67,8 +67,8 @@ def append_member(
     """
     store = store if isinstance(store, Store) else Store(store)
     prefix = zoo_prefix(zoo_id)
-    member, manifest = _member(model_url)
-    selected = _selected(member, manifest, options.include)
+    member, manifest = member_of(model_url)
+    selected = select_tensors(member, manifest, options.include)
     try:
         raw = store.read_bytes(f"{prefix}/{ZOO_MANIFEST}")
         zoo = json.loads(raw)
@@ -88,13 +88,12 @@ def append_member(
         if not zoo.get("growable"):
             raise WeightsmithError(store.url_of(prefix), "this zoo was not built to grow (zoo build makes fixed zoos)")
         want = {n: tuple(r["shape"]) for n, r in zoo["tensors"].items()}
-        first = zoo["members"][0]["url"]
-        problem = _difference(want, selected, first)
+        problem = first_difference(want, selected, "the zoo")
         if problem:
             return AppendResult(zoo_id, "skipped", problem, k)
     records = {}
     for name, shape in selected.items():
-        values = _read(member, name, shape)
+        values = read_member_tensor(member, name, shape)
         records[name] = _append_row(store, zoo_tensor_key(zoo_id, name), name, shape, k, values)
     manifest_out = {
         "format": ZOO_FORMAT,
@@ -116,16 +115,6 @@ def append_member(
     if not written:
         raise WeightsmithError(store.url_of(key), "another writer changed the zoo meanwhile; run again")
     return AppendResult(zoo_id, "appended", "", k + 1)
-
-
-def _difference(want: dict, got: dict, first: str) -> str | None:
-    for name, shape in want.items():
-        if name not in got:
-            return f"has no tensor {name!r} ({first} has it)"
-        if got[name] != shape:
-            return f"tensor {name!r} has shape {list(got[name])}, the zoo has {list(shape)}"
-    extra = next((n for n in got if n not in want), None)
-    return None if extra is None else f"has tensor {extra!r}, which the zoo does not hold"
 
 
 def _append_row(store: Store, key: str, name: str, shape: tuple[int, ...], k: int, values: np.ndarray) -> dict:
