@@ -125,10 +125,10 @@ def ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
         print(json.dumps([asdict(z) for z in zoos], indent=1))
         return
     table = Table(title=escape(the_store.url))
-    for col in ("zoo", "members", "tensors", "size", "align", "base"):
+    for col in ("zoo", "members", "tensors", "size", "align", "base or family"):
         table.add_column(col, justify="right" if col in ("members", "tensors", "size") else "left")
     for z in zoos:
-        base = f"{z.base['slug']}/{z.base['revision']}" if z.base else ""
+        base = f"{z.base['slug']}/{z.base['revision']}" if z.base else (z.family or "")
         table.add_row(escape(z.id), str(z.checkpoints), str(z.tensors), format_bytes(z.bytes), z.align, escape(base))
     Console(soft_wrap=True).print(table)
 
@@ -161,6 +161,8 @@ def show(
     )
     if z.base:
         console.print(f"base: {escape(z.base['url'])} (manifest sha256 {z.base['manifest_sha256'][:12]})")
+    if z.family:
+        console.print(f"family: fine-tunes of {escape(z.family)}")
     members = Table(title="members")
     for col in ("#", "slug", "revision", "manifest sha256", "url"):
         members.add_column(col)

@@ -208,5 +208,7 @@ def test_the_cli_grows_family_zoos(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert f"zoo {ZOO}: acme/t1@r1 appended" in result.stderr
     assert f"zoo {ZOO}: acme/odd@r1 skipped (tensor 'w' has shape [3, 5], the zoo has [3, 4])" in result.stderr
     assert list(read_zoo(Store(store), ZOO)["tensors"]) == ["w"]
+    shown = CliRunner().invoke(app, ["zoo", "show", ZOO, "--store", store])
+    assert shown.exit_code == 0 and "family: fine-tunes of acme/base" in shown.stdout, shown.stdout
     bad = CliRunner().invoke(app, [*args[:-1], "sideways"])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --zoo:"), bad.stderr

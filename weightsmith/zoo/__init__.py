@@ -151,6 +151,7 @@ class ZooInfo:
     align: str  # "none" | "permutation" (zoos written by write_zoo: "none")
     ordered: bool | None  # None: not recorded (zoos written by write_zoo)
     base: dict | None  # url, slug, revision, manifest_sha256 of the base model
+    family: str | None = None  # the base model's id of a leaderboard family zoo
     members: list[dict] = field(default_factory=list)  # url, slug, revision, manifest_sha256 (built zoos)
     tensor_shapes: dict[str, list[int]] = field(default_factory=dict)  # name -> one member's shape
 
@@ -168,6 +169,7 @@ def describe_zoo(store: Store, zoo_id: str) -> ZooInfo:
         align=m.get("align", "none"),
         ordered=m.get("ordered"),
         base={k: v for k, v in base.items() if k != "tensors"} if base else None,
+        family=m.get("family"),
         members=list(m.get("members", [])),
         tensor_shapes={n: r["shape"] for n, r in m["tensors"].items()},
     )
