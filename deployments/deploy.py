@@ -1,5 +1,8 @@
 """Create the work pools `cpu` and `gpu` and deploy everything in deployments/prefect.yaml.
 
+Deployments: extract-model/cpu, predict-layer/gpu, predict-layer/cpu, weightsmith-pipeline/cpu,
+build-zoo/cpu, leaderboard-batch/daily.
+
 Usage: .venv/bin/python deployments/deploy.py [--only FLOW/DEPLOYMENT ...]
 Talks to the Prefect server in PREFECT_API_URL (see `weightsmith dev up`).
 """

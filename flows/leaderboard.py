@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -24,7 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from weightsmith import catalog, state
 from weightsmith.errors import WeightsmithError
-from weightsmith.leaderboard import ModelEntry, SourceQuery, summarize
+from weightsmith.leaderboard import ModelEntry, SourceQuery, ZooGrowth, summarize
 from weightsmith_tasks import leaderboard as t
 from weightsmith_tasks.credentials import use_credentials
 
@@ -140,6 +141,9 @@ def leaderboard_batch(
     pipeline: str = "weightsmith-pipeline",
     credentials: str | None = None,
     dry_run: bool = False,
+    zoo: Literal["none", "family"] = "none",
+    zoo_include: list[str] | None = None,
+    zoo_max_bytes: int | None = None,
 ) -> dict:
     """Process the models of `source` that the catalogue has not seen (or may retry).
 
@@ -154,6 +158,10 @@ def leaderboard_batch(
         pipeline: the pipeline flow (and `<pipeline>/cpu` deployment) to run per model.
         credentials: a saved AwsCredentials or S3Bucket block ("s3-bucket/lake").
         dry_run: plan and report only.
+        zoo: "family" appends each newly processed model that has a family (its model card's
+            base_model) to the zoo `family-<base>`; "none" grows no zoos.
+        zoo_include: tensor globs a family zoo holds (default: every tensor).
+        zoo_max_bytes: the largest member (float32 bytes of its selected tensors) a zoo takes.
     """
     log = get_run_logger()
     if not 1 <= max_parallel <= MAX_PARALLEL:
@@ -161,6 +169,7 @@ def leaderboard_batch(
     stages = check_pipeline(pipeline, stages)
     store = store or use_credentials(credentials) or state.default_store()
     query = SourceQuery(filter=filter, sort=sort, limit=limit, endpoint=endpoint)
+    growth = ZooGrowth(zoo=zoo, include=tuple(zoo_include or ()), max_member_bytes=zoo_max_bytes)
     entries = t.read_source(source, query, credentials)
     decisions = t.plan_batch(store, entries, max_attempts, credentials)
     todo = [d for d in decisions if d.action == "process"]
@@ -188,6 +197,15 @@ def leaderboard_batch(
             outcomes.append(finished.result())
         pending.append(t.process_model.submit(store, decision.entry, process, backoff_seconds, credentials))
     outcomes += [f.result() for f in pending]
+    zoos = []
+    if growth.zoo != "none":
+        # One model at a time, in the listing's order: appends to one zoo never race each other.
+        done = {(o.id, o.revision): o for o in outcomes}
+        for d in todo:
+            facts = t.grow_family_zoo(store, d.entry, done[(d.entry.id, d.entry.revision)], growth, credentials)
+            if facts:
+                zoos.append({"model": d.entry.key, **facts})
+        log.info("family zoos: %s", ", ".join(f"{z['model']} {z['status']} {z['id']}" for z in zoos) or "nothing")
 
     summary = summarize(decisions, outcomes)
     title = f"leaderboard batch: {source}"
@@ -208,4 +226,4 @@ def leaderboard_batch(
         len(summary.failed),
         len(summary.skipped),
     )
-    return {**summary.to_dict(), "store": store, "where": where, "reason": reason}
+    return {**summary.to_dict(), "store": store, "where": where, "reason": reason, "zoos": zoos}

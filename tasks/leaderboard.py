@@ -50,3 +50,12 @@ def process_model(
     """Run the pipeline on one model and catalogue done or failed (a failure is not raised)."""
     use_credentials(credentials)
     return lib.process_one(store, entry, process, backoff_seconds)
+
+
+@task(name="grow-family-zoo", task_run_name="zoo {entry.id}@{entry.revision}", **_RETRY)
+def grow_family_zoo(
+    store: str, entry: lib.ModelEntry, outcome: lib.Outcome, growth: lib.ZooGrowth, credentials: str | None = None
+) -> dict | None:
+    """Append a newly processed model to its family's zoo; catalogue what happened."""
+    use_credentials(credentials)
+    return lib.grow_family_zoo(store, entry, outcome, growth)

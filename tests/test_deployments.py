@@ -1,7 +1,8 @@
-"""The `extract-model/cpu` deployment, end to end on a real local stack: a Prefect server and a
-`cpu` process worker on 127.0.0.1 (weightsmith.dev.stack), deployed with deployments/deploy.py
-and run with `prefect deployment run`. The flow reads the model from S3 and writes the same
-manifest into the store as the library does, and `down` leaves no process behind.
+"""The `extract-model/cpu` and `build-zoo/cpu` deployments, end to end on a real local stack: a
+Prefect server and a `cpu` process worker on 127.0.0.1 (weightsmith.dev.stack), deployed with
+deployments/deploy.py and run with `prefect deployment run`. The extract flow reads the model
+from S3 and writes the same manifest into the store as the library does; the zoo flow stacks two
+store models into a zoo; and `down` leaves no process behind.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from weightsmith.dev.stack import DevStack
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import MANIFEST, ModelRef, parse_model_url
 from weightsmith.store import Store
+from weightsmith.zoo import read_zoo, read_zoo_tensor
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +110,7 @@ def test_extract_model_deployment_matches_the_library(
         env = client_env(stack)
         mark = time.monotonic()
         deploy = [sys.executable, str(ROOT / "deployments" / "deploy.py")]
-        run([*deploy, "--only", "extract-model/cpu"], env, timeout=300)
+        run([*deploy, "--only", "extract-model/cpu", "build-zoo/cpu"], env, timeout=300)
         timings["deploy"] = time.monotonic() - mark
 
         stack.client().upload_file(str(fixtures_dir / FIXTURE), stack.bucket, SOURCE_KEY)
@@ -137,6 +139,26 @@ def test_extract_model_deployment_matches_the_library(
         reference = parse_model_url(library.model_url)
         assert deployed.store.read_bytes(deployed.key(MANIFEST)) == reference.store.read_bytes(reference.key(MANIFEST))
         assert len(deployed.manifest()["tensors"]) == library.tensors > 0
+
+        # build-zoo/cpu: the two copies of the model, stacked into a zoo in the stack's store.
+        mark = time.monotonic()
+        members = json.dumps([deployed.url, library.model_url])
+        created = run(
+            [prefect, "deployment", "run", "build-zoo/cpu",
+             "--param", "zoo_id=copies", "--param", f"models={members}", "--param", f"store={stack.store}"],
+            env,
+            timeout=120,
+        )  # fmt: skip
+        match = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout)
+        assert match, created.stdout
+        assert wait_for_flow_run(stack, match.group(1)) == "COMPLETED", worker_log(stack)
+        timings["zoo run"] = time.monotonic() - mark
+        zoo = read_zoo(Store(stack.store), "copies")
+        assert [m["url"] for m in zoo["members"]] == json.loads(members)
+        assert zoo["checkpoints"] == 2 and len(zoo["tensors"]) == library.tensors
+        name = next(iter(zoo["tensors"]))
+        stacked = read_zoo_tensor(Store(stack.store), "copies", name)
+        assert (stacked[0] == stacked[1]).all()  # the same model twice
 
         # A run in progress: `down` stops its process too (it runs in a session of its own).
         run(

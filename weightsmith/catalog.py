@@ -162,6 +162,7 @@ def record(
         "origin": model.origin,
         "licence": model.licence,
         "gated": model.gated,
+        "family": model.family,
         "model_url": model_url,
         "report_url": report_url,
         "next_attempt_after": retry_at,

@@ -199,16 +199,19 @@ def fit_batches(records: list[dict], joint: bool) -> list[list[dict]]:
 
 def _examples(model: ModelRef, batch: list[dict], zoo: str | None) -> Examples:
     """The batch's K examples: (K, *shape) for one tensor, (K, n, *shape) for n stacked."""
+    bases = [None]
     if zoo is None:
         stacks = [read_values(model, r)[None] for r in batch]
     else:
-        from weightsmith.zoo import read_zoo_tensor
+        from weightsmith.zoo import read_zoo_base, read_zoo_tensor
 
         stacks = [read_zoo_tensor(model.store, zoo, r["name"]) for r in batch]
+        bases = [read_zoo_base(model.store, zoo, r["name"]) for r in batch]  # zoos built with --base
+    base = None if any(b is None for b in bases) else np.stack(bases)  # (n, *shape)
     if len(batch) == 1:
-        return Examples(batch[0]["name"], stacks[0])
+        return Examples(batch[0]["name"], stacks[0], base=None if base is None else base[0])
     names = tuple(r["name"] for r in batch)
-    return Examples(" + ".join(names), np.stack(stacks, axis=1), parts=names)
+    return Examples(" + ".join(names), np.stack(stacks, axis=1), parts=names, base=base)
 
 
 def zoo_is_ordered(model: ModelRef, zoo: str | None) -> bool:

@@ -47,6 +47,7 @@ class HubModel:
     gated: bool | str = False  # False, "auto" or "manual"
     private: bool = False
     last_modified: str = "2025-01-01T00:00:00.000Z"
+    base_model: str | list[str] | None = None  # the model card's base_model
 
     @property
     def sha(self) -> str:
@@ -77,6 +78,8 @@ class HubModel:
             for name, path in sorted(self.files.items())
         ]
         card = {"license": self.license} if self.license else {}
+        if self.base_model:
+            card["base_model"] = self.base_model
         return self.summary() | {"disabled": False, "cardData": card, "siblings": siblings}
 
 

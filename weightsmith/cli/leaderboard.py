@@ -62,10 +62,20 @@ def leaderboard(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be done, do nothing.")] = False,
     no_prefect: Annotated[bool, typer.Option("--no-prefect", help="Library loop, extract stage only.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    zoo: Annotated[
+        str, typer.Option(help="family: append each new model with a base_model to that family's zoo; none.")
+    ] = "none",
+    zoo_include: Annotated[
+        list[str] | None, typer.Option(help="Tensor glob a family zoo holds (repeatable; default: all).")
+    ] = None,
+    zoo_max_bytes: Annotated[
+        int | None, typer.Option(help="Largest member a zoo takes: float32 bytes of its selected tensors.")
+    ] = None,
 ) -> None:
     """Process the models of a leaderboard that are new to the store's catalog.json."""
     from weightsmith.leaderboard import (
         SourceQuery,
+        ZooGrowth,
         extract_only,
         plan_batch,
         read_source,
@@ -75,6 +85,7 @@ def leaderboard(
     if source != "hf-hub" and (filter or endpoint):
         raise WeightsmithError("--filter" if filter else "--endpoint", "applies to --source hf-hub only")
     query = build_options(SourceQuery, filter=filter, sort=sort, limit=limit, endpoint=endpoint)
+    growth = build_options(ZooGrowth, zoo=zoo, include=tuple(zoo_include or ()), max_member_bytes=zoo_max_bytes)
     store = store or state.default_store()
     chosen = [s.strip() for item in stages or [] for s in item.split(",") if s.strip()] or None
 
@@ -104,7 +115,7 @@ def leaderboard(
         from weightsmith.store import Store
 
         Store(store).check_writable()
-        summary = run_batch(decisions, store, extract_only(store), backoff).to_dict()
+        summary = run_batch(decisions, store, extract_only(store), backoff, growth).to_dict()
     else:
         state.configure_prefect()
         quiet_prefect()
@@ -122,6 +133,9 @@ def leaderboard(
             max_attempts=max_attempts,
             backoff_seconds=backoff,
             pipeline=pipeline,
+            zoo=growth.zoo,
+            zoo_include=list(growth.include),
+            zoo_max_bytes=growth.max_member_bytes,
         )
     rows = [
         {
@@ -134,6 +148,8 @@ def leaderboard(
         for o in summary[kind]
     ]
     _print(rows, ("id", "revision", "outcome", "detail"), as_json, out)
+    for z in summary.get("zoos", []):
+        err.print(f"zoo {z['id']}: {z['model']} {z['status']}" + (f" ({z['reason']})" if z["reason"] else ""))
     err.print(
         f"{len(summary['processed'])} processed, {len(summary['failed'])} failed, "
         f"{len(summary['skipped'])} skipped; catalogue: {store.rstrip('/')}/{catalog.KEY}"

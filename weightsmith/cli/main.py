@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from weightsmith.cli import demo, dev, leaderboard, models, predict, upkeep
+from weightsmith.cli import demo, dev, leaderboard, models, predict, upkeep, zoo
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +20,7 @@ app.command("restore")(models.restore)
 app.command("predict")(predict.predict)
 app.command("run")(predict.run)
 app.command("demo")(demo.demo)
+app.add_typer(zoo.zoo_app, name="zoo", help="Zoos from the models in the store: build, ls, show.")
 app.add_typer(dev.dev_app, name="dev", help="Local stack without Docker: SeaweedFS, Prefect server, workers.")
 app.command("leaderboard")(leaderboard.leaderboard)
 app.command("ls")(upkeep.ls)

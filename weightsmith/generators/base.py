@@ -69,6 +69,7 @@ class Examples:
     name: str  # the tensor's name
     values: np.ndarray  # (K, *shape) float32, C-contiguous; K = 1 for a single model
     parts: tuple[str, ...] = ()  # a joint stack (K, n, ...): the names of its n tensors, in order
+    base: np.ndarray | None = None  # (*shape) float32: the model the K were fine-tuned from (merges)
 
     def __post_init__(self) -> None:
         v = np.asarray(self.values)
@@ -78,6 +79,10 @@ class Examples:
         object.__setattr__(self, "parts", tuple(self.parts))
         if self.parts and (v.ndim < 2 or v.shape[1] != len(self.parts)):
             raise WeightsmithError(self.name, f"{len(self.parts)} stacked tensors named, values are {v.shape}")
+        if self.base is not None:
+            if np.shape(self.base) != v.shape[1:]:
+                raise WeightsmithError(self.name, f"base of shape {np.shape(self.base)}, examples of {v.shape[1:]}")
+            object.__setattr__(self, "base", np.ascontiguousarray(self.base, dtype=np.float32))
 
     @classmethod
     def stack(cls, name: str, tensors: list[np.ndarray]) -> Examples:
@@ -363,6 +368,9 @@ class Generator(ABC):
             head["parts"] = list(examples.parts)
         h.update(json.dumps(head, sort_keys=True).encode())
         h.update(examples.values.reshape(-1).view(np.uint8))
+        if examples.base is not None:  # after the values: fingerprints of base-less examples are unchanged
+            h.update(b"base")
+            h.update(examples.base.reshape(-1).view(np.uint8))
         return h.hexdigest()
 
     def deterministic(self, config: GeneratorConfig | Mapping[str, Any] | None, k: int) -> bool:

@@ -34,6 +34,8 @@ GENERATORS: dict[str, str] = {
     "zoo-diffusion": "weightsmith.generators.zoo_diffusion:ZooDiffusion",
     "tile-diffusion": "weightsmith.generators.tile_diffusion:TileDiffusion",
     "img2img": "weightsmith.generators.img2img:Img2Img",
+    "task-arithmetic": "weightsmith.generators.task_arithmetic:TaskArithmetic",
+    "ties": "weightsmith.generators.ties:Ties",
 }
 
 BASELINES = ("gaussian", "permute", "noise")  # in every report (fitted on the zoo when there is one)
@@ -46,6 +48,7 @@ SWEEPS: dict[str, tuple[dict, ...]] = {
     "average": ({"k": 2}, {"k": 4}, {"k": "all"}),
     "extrapolate": ({"t": 0.1}, {"t": 0.3}, {"t": 1.0}),
 }
+MERGE_BASELINES = ("task-arithmetic", "ties")  # for zoos with a base model (settings: each module's SWEEP)
 
 
 def get(name: str) -> type[Generator]:

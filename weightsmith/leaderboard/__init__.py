@@ -8,16 +8,21 @@
 3. `process_one` runs one model through a `process(entry) -> dict` callable (the pipeline flow,
    its deployment, or the library's extraction) and catalogues done or failed. A model's
    failure is recorded, never raised, so one broken model never blocks the others.
-4. `run_batch` is the plain loop over 2-3 (`weightsmith leaderboard --no-prefect`); the
+4. `grow_family_zoo` (with `ZooGrowth(zoo="family")`) appends each newly processed model
+   that has a family (the base model it was fine-tuned from) to that family's zoo, one model
+   at a time after the batch's processing, and catalogues what happened (`zoo` of its entry).
+5. `run_batch` is the plain loop over 2-4 (`weightsmith leaderboard --no-prefect`); the
    `leaderboard-batch` flow does the same with bounded parallelism.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from weightsmith import catalog
 from weightsmith.errors import WeightsmithError
@@ -27,9 +32,9 @@ from weightsmith.model import ModelRef, parse_model_url, slugify
 from weightsmith.store import Store
 
 __all__ = [
-    "BatchSummary", "Decision", "ModelEntry", "Outcome", "SourceQuery", "extract_only",
-    "model_url_of", "plan_batch", "process_one", "read_source", "record_skips", "run_batch",
-    "summarize",
+    "BatchSummary", "Decision", "ModelEntry", "Outcome", "SourceQuery", "ZooGrowth", "extract_only",
+    "grow_family_zoo", "model_url_of", "plan_batch", "process_one", "read_source", "record_skips",
+    "run_batch", "summarize",
 ]  # fmt: skip
 
 Process = Callable[[ModelEntry], dict]  # -> {"model_url", "report_url", "status"}
@@ -63,9 +68,11 @@ class BatchSummary:
     processed: list[Outcome] = field(default_factory=list)
     failed: list[Outcome] = field(default_factory=list)
     skipped: list[Outcome] = field(default_factory=list)
+    zoos: list[dict] = field(default_factory=list)  # family zoo appends: {model, id, status, reason, checkpoints}
 
     def to_dict(self) -> dict:
-        return {k: [asdict(o) for o in getattr(self, k)] for k in ("processed", "failed", "skipped")}
+        kinds = {k: [asdict(o) for o in getattr(self, k)] for k in ("processed", "failed", "skipped")}
+        return {**kinds, "zoos": list(self.zoos)}
 
     def table(self) -> list[dict]:
         """One row per model: id, revision, outcome, reason, model URL."""
@@ -97,6 +104,16 @@ class BatchSummary:
             f"{len(self.skipped)} skipped\n\n## Processed\n{lines(self.processed, False)}\n\n"
             f"## Failed\n{lines(self.failed, True)}\n\n## Skipped\n{lines(self.skipped, True)}\n"
         )
+
+
+class ZooGrowth(BaseModel):
+    """Whether a batch grows family zoos, with which tensors and up to what member size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    zoo: Literal["none", "family"] = "none"  # family: append each new model to its base model's zoo
+    include: tuple[str, ...] = ()  # glob patterns over tensor names; empty: every tensor
+    max_member_bytes: int | None = Field(None, ge=1)  # float32 bytes of one member's selection; None: no cap
 
 
 def read_source(source: str, query: SourceQuery) -> list[ModelEntry]:
@@ -193,16 +210,50 @@ def summarize(decisions: list[Decision], outcomes: list[Outcome]) -> BatchSummar
     )
 
 
+def grow_family_zoo(store: str, entry: ModelEntry, outcome: Outcome, growth: ZooGrowth) -> dict | None:
+    """Append a newly processed model to its family's zoo and catalogue the result.
+
+    Returns the catalogued `zoo` facts ({id, status, reason, checkpoints}), or None when the
+    batch grows no zoos, the model failed, or it has no family. A model whose tensors do not
+    match the zoo's (or exceed the size cap) is skipped with the reason; a failed append is
+    recorded as failed, never raised.
+    """
+    from weightsmith.zoo.grow import GrowOptions, append_member, family_zoo_id
+
+    if growth.zoo == "none" or outcome.status != "done" or not entry.family or not outcome.model_url:
+        return None
+    zoo_id = family_zoo_id(entry.family)
+    options = GrowOptions(include=growth.include, max_member_bytes=growth.max_member_bytes)
+    try:
+        result = append_member(store, zoo_id, outcome.model_url, options, family=entry.family)
+        facts = {"id": zoo_id, "status": result.status, "reason": result.reason, "checkpoints": result.checkpoints}
+    except Exception as e:  # this model's append is its own: record it and go on
+        facts = {"id": zoo_id, "status": "failed", "reason": _one_line(e), "checkpoints": None}
+
+    def change(c: dict) -> None:
+        c["models"][entry.key]["zoo"] = facts
+
+    catalog.update(store, change)
+    return facts
+
+
 def run_batch(
     decisions: list[Decision],
     store: str,
     process: Process,
     backoff_seconds: float = catalog.BACKOFF_SECONDS,
+    growth: ZooGrowth | None = None,
 ) -> BatchSummary:
-    """Record the skips, then process the due models one after the other."""
+    """Record the skips, process the due models one after the other, then grow family zoos."""
     record_skips(store, decisions)
-    outcomes = [process_one(store, d.entry, process, backoff_seconds) for d in decisions if d.action == "process"]
-    return summarize(decisions, outcomes)
+    todo = [d for d in decisions if d.action == "process"]
+    outcomes = [process_one(store, d.entry, process, backoff_seconds) for d in todo]
+    zoos = []
+    for d, o in zip(todo, outcomes, strict=True):
+        facts = grow_family_zoo(store, d.entry, o, growth or ZooGrowth())
+        if facts:
+            zoos.append({"model": d.entry.key, **facts})
+    return replace(summarize(decisions, outcomes), zoos=zoos)
 
 
 def extract_only(store: str) -> Process:

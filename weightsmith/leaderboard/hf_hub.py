@@ -109,7 +109,17 @@ def resolve(api, endpoint: str, model_id: str, listed_sha: str | None = None) ->
         licence=_licence(info),
         gated=None if gated is None else str(gated),
         problem=problem,
+        family=base_model_of(getattr(info, "card_data", None)),
     )
+
+
+def base_model_of(card) -> str | None:
+    """The `base_model` of model card data (a mapping or huggingface_hub's ModelCardData): the
+    first one when it lists several, None when it names none."""
+    value = card.get("base_model") if isinstance(card, dict) else getattr(card, "base_model", None)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return str(value).strip() or None if value else None
 
 
 def _weights(files: list[str]) -> tuple[str | None, str | None]:

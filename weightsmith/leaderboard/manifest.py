@@ -5,21 +5,28 @@ manifest's folder, so a manifest can sit beside the models it lists. Example:
 
     - {id: acme/tiny, source: tiny/model.safetensors, revision: v1, licence: mit}
     - {id: acme/big, source: "s3://models/big/model.safetensors.index.json", revision: 2024-06}
+    - {id: acme/tuned, source: tuned/model.safetensors, revision: v1, base_model: acme/tiny}
+
+An entry's family (the model it was fine-tuned from) is its `base_model`, else the `base_model`
+of a `README.md` model card (YAML front matter) beside its weights, else none.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 
 import yaml
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.leaderboard.registry import ModelEntry, SourceQuery
-from weightsmith.ranged import fs_for, split_url
+from weightsmith.ranged import fs_for, join_url, split_url
 
 REQUIRED = ("id", "source", "revision")
-OPTIONAL = ("licence", "license")
+OPTIONAL = ("licence", "license", "base_model")
+CARD = "README.md"
+CARD_BYTES = 1_000_000
 MAX_BYTES = 16_000_000
 
 
@@ -73,13 +80,41 @@ def _entry(location: str, index: int, item) -> ModelEntry:
         if value is None or (isinstance(value, str) and not value.strip()):
             raise WeightsmithError(where, f"no {name!r} (every entry needs id, source and revision)")
     licence = item.get("licence", item.get("license"))
+    source = _resolve(location, str(item["source"]).strip())
+    family = item.get("base_model")
     return ModelEntry(
         id=str(item["id"]).strip(),
         revision=str(item["revision"]).strip(),
-        source=_resolve(location, str(item["source"]).strip()),
+        source=source,
         origin=location,
         licence=None if licence is None else str(licence),
+        family=str(family).strip() if family else card_base_model(source),
     )
+
+
+def card_base_model(source: str) -> str | None:
+    """The `base_model` of the README.md model card in the weights' folder, or None.
+
+    A missing or unreadable card, or one without YAML front matter, names no family.
+    """
+    from weightsmith.leaderboard.hf_hub import base_model_of
+
+    weights = source.rstrip("/")
+    is_file = weights.rsplit("/", 1)[-1].endswith((".safetensors", ".json", ".gguf"))
+    folder = weights.rsplit("/", 1)[0] if is_file else weights  # a file's folder, or the sharded folder
+    try:
+        fs, path = fs_for(join_url(folder, CARD))
+        text = fs.cat_file(path, start=0, end=CARD_BYTES).decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    if not match:
+        return None
+    try:
+        card = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return None
+    return base_model_of(card) if isinstance(card, dict) else None
 
 
 def _resolve(location: str, source: str) -> str:

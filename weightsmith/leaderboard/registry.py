@@ -41,6 +41,7 @@ class ModelEntry:
     licence: str | None = None
     gated: str | None = None  # "auto" / "manual" for gated hub repositories, else None
     problem: str | None = None  # why the entry cannot be processed (catalogued as skipped)
+    family: str | None = None  # the base model it was fine-tuned from (model card `base_model`), else None
 
     @property
     def key(self) -> str:

@@ -6,8 +6,12 @@ A zoo lives in a store under `zoos/<id>/`:
                          its `weightsmith` attribute (sha256, stats) is written after its data
     zoo.json             written last: its presence means the zoo is complete
 
+    base/<key>.zarr      (built zoos with a base model) the base's tensor, (1, *shape) float32
+
 `<key>` is `encode_key(name)`, as for a model's tensors. `write_zoo` takes the tensors as a
 mapping or as an iterator of (name, stack) pairs, so only one stack need be in memory at a time.
+`weightsmith.zoo.build` builds a zoo from models in the store (streaming, resumable, with
+provenance), `weightsmith.zoo.align` aligns independently initialised members by permutation.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -109,10 +114,23 @@ def read_zoo(store: Store, zoo_id: str) -> dict:
 
 def read_zoo_tensor(store: Store, zoo_id: str, name: str) -> np.ndarray:
     """The K checkpoints of tensor `name`, stacked: (K, *shape) float32."""
-    records = read_zoo(store, zoo_id)["tensors"]
+    manifest = read_zoo(store, zoo_id)
+    records = manifest["tensors"]
     if name not in records:
         raise WeightsmithError(f"zoo {zoo_id!r}", f"has no tensor {name!r}")
-    return np.asarray(arrays.open_array(store, records[name]["key"])[...], dtype=np.float32)
+    # zoo.json is the authority on K: a growing zoo's arrays may hold rows of an unfinished append
+    k = manifest["checkpoints"]
+    return np.asarray(arrays.open_array(store, records[name]["key"])[:k], dtype=np.float32)
+
+
+def read_zoo_base(store: Store, zoo_id: str, name: str) -> np.ndarray | None:
+    """The base model's tensor `name` (one member's shape, float32), or None for a zoo without a base."""
+    base = read_zoo(store, zoo_id).get("base")
+    if not base:
+        return None
+    if name not in base["tensors"]:
+        raise WeightsmithError(f"zoo {zoo_id!r}", f"its base has no tensor {name!r}")
+    return np.asarray(arrays.open_array(store, base["tensors"][name]["key"])[0], dtype=np.float32)
 
 
 def list_zoos(store: Store) -> list[str]:
@@ -121,25 +139,93 @@ def list_zoos(store: Store) -> list[str]:
     return sorted(p[1] for p in found if len(p) == 3 and p[2] == ZOO_MANIFEST)
 
 
+@dataclass(frozen=True)
+class ZooInfo:
+    """What `zoo ls` and `zoo show` print about a complete zoo."""
+
+    id: str
+    url: str
+    checkpoints: int  # K
+    tensors: int
+    bytes: int  # everything under zoos/<id>/
+    align: str  # "none" | "permutation" (zoos written by write_zoo: "none")
+    ordered: bool | None  # None: not recorded (zoos written by write_zoo)
+    base: dict | None  # url, slug, revision, manifest_sha256 of the base model
+    family: str | None = None  # the base model's id of a leaderboard family zoo
+    members: list[dict] = field(default_factory=list)  # url, slug, revision, manifest_sha256 (built zoos)
+    tensor_shapes: dict[str, list[int]] = field(default_factory=dict)  # name -> one member's shape
+
+
+def describe_zoo(store: Store, zoo_id: str) -> ZooInfo:
+    """Members, sizes and provenance of a complete zoo."""
+    m = read_zoo(store, zoo_id)
+    base = m.get("base")
+    return ZooInfo(
+        id=zoo_id,
+        url=store.url_of(zoo_prefix(zoo_id)),
+        checkpoints=m["checkpoints"],
+        tensors=len(m["tensors"]),
+        bytes=store.size(zoo_prefix(zoo_id)),
+        align=m.get("align", "none"),
+        ordered=m.get("ordered"),
+        base={k: v for k, v in base.items() if k != "tensors"} if base else None,
+        family=m.get("family"),
+        members=list(m.get("members", [])),
+        tensor_shapes={n: r["shape"] for n, r in m["tensors"].items()},
+    )
+
+
 def _write_stack(store: Store, key: str, name: str, values: np.ndarray) -> dict:
     """One (K, *shape) stack as float32, row block by row block; its record written last."""
-    shape = tuple(values.shape)
-    attrs = {"dtype": "F32", "shape": list(shape), "encoding": "raw"}
-    array = arrays.create(store, key, shape, np.dtype("<f4"), attrs)
-    h = hashlib.sha256()
-    stats = RunningStats()
-    rows = array.chunks[0]  # checkpoints per chunk
-    for r0 in range(0, shape[0], rows):
-        block = np.ascontiguousarray(values[r0 : r0 + rows], dtype="<f4")  # (rows, *shape[1:])
-        array.append(block)
-        h.update(block.view(np.uint8))
-        stats.update(block)
-    record = {
-        "name": name,
-        "key": key,
-        "shape": list(shape[1:]),  # one checkpoint's shape
-        "sha256": h.hexdigest(),  # of the float32 (K, *shape) values in C order
-        "stats": stats.as_dict(),
-    }
-    array.finish(record)
-    return record
+    rows = arrays.chunk_rows(tuple(values.shape), 4)  # checkpoints per chunk
+    blocks = (values[r0 : r0 + rows] for r0 in range(0, values.shape[0], rows))
+    return write_stack(store, key, name, tuple(values.shape), blocks)
+
+
+class StackWriter:
+    """A (K, *shape) float32 stack being written, whole checkpoints appended in order.
+
+    `finish` writes the array's record (name, key, one checkpoint's shape, sha256 of the float32
+    values in C order, stats, plus `extra`) after the data: an array without it is unfinished.
+    """
+
+    def __init__(self, store: Store, key: str, name: str, shape: tuple[int, ...]):
+        attrs = {"dtype": "F32", "shape": list(shape), "encoding": "raw"}
+        self.key, self.name, self.shape = key, name, tuple(shape)
+        self._array = arrays.create(store, key, self.shape, np.dtype("<f4"), attrs)
+        self._hash = hashlib.sha256()
+        self._stats = RunningStats()
+
+    def append(self, values: np.ndarray) -> None:
+        """The next checkpoints: (n, *shape[1:])."""
+        block = np.ascontiguousarray(values, dtype="<f4")
+        self._array.append(block)
+        self._hash.update(block.view(np.uint8))
+        self._stats.update(block)
+
+    def finish(self, extra: Mapping | None = None) -> dict:
+        record = {
+            "name": self.name,
+            "key": self.key,
+            "shape": list(self.shape[1:]),  # one checkpoint's shape
+            "sha256": self._hash.hexdigest(),  # of the float32 (K, *shape) values in C order
+            "stats": self._stats.as_dict(),
+            **(extra or {}),
+        }
+        self._array.finish(record)
+        return record
+
+
+def write_stack(
+    store: Store,
+    key: str,
+    name: str,
+    shape: tuple[int, ...],
+    blocks: Iterable[np.ndarray],
+    extra: Mapping | None = None,
+) -> dict:
+    """Stream a (K, *shape) float32 stack from blocks of whole checkpoints; returns its record."""
+    writer = StackWriter(store, key, name, shape)
+    for block in blocks:
+        writer.append(block)
+    return writer.finish(extra)
