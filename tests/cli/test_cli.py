@@ -114,10 +114,10 @@ MALFORMED = {
         bytes(12),
         "overlaps",
     ),
-    "duplicate": (
-        b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+    "duplicate-field": (  # a repeated *name* is accepted (the reference keeps the last); a field is not
+        b'{"w":{"dtype":"U8","dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
         b"\0",
-        "duplicate key 'w'",
+        "duplicate field 'dtype'",
     ),
     "non-string-metadata": (
         b'{"__metadata__":{"bits":4},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
