@@ -5,9 +5,11 @@ a stage whose artifact is already complete is not redone, so an interrupted run 
 - predictions/<run>-<group>-<generator>/prediction.json (predict),
 - candidates/<run>-<group>-<generator>-<sample>/candidate.json (assemble),
 - reports/<run>/report.json (vet).
-Baselines are predictions like any other (`gaussian`, `permute`, `noise` at several radii,
-including the median novelty of the generated samples; with a zoo `coord-gaussian`,
-`pca-gaussian` and `average`), so the report compares everything on the same data.
+Baselines are predictions like any other (the rows of `BASELINE_TABLE`, and `noise` at the
+median novelty of each generator label's samples plus a fixed sweep of radii that reaches 1.5x
+the largest candidate novelty), so the report compares everything on the same data. When a group
+has a zoo, every label, baseline or generator, fits on the zoo (`prediction.json`'s `training`
+records what each fit saw); deterministic labels are predicted and scored with one sample.
 """
 
 from __future__ import annotations
@@ -21,10 +23,49 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.generators.registry import BASELINES, ZOO_BASELINES
+from weightsmith.generators.registry import GENERATORS
 from weightsmith.model import ModelRef, parse_model_url
 
 STAGES = ("extract", "predict", "weight-stats", "lm-eval")
+
+# The baselines of every group: (label, generator, config, needs, deterministic).
+# needs: "" always; "zoo" a zoo; "ordered" a zoo whose zoo.json attrs say {"ordered": true}.
+# Deterministic labels get one sample (more would be copies). `noise` is not here: its radii
+# follow the candidates (see noise_runs).
+BASELINE_TABLE: tuple[tuple[str, str, dict, str, bool], ...] = (
+    ("gaussian", "gaussian", {}, "", False),
+    ("permute", "permute", {}, "", False),
+    ("coord-gaussian", "coord-gaussian", {}, "zoo", False),
+    ("zoo-member", "zoo-member", {}, "zoo", False),
+    ("latest", "latest", {}, "ordered", True),
+    ("extrapolate(t=0.25)", "extrapolate", {"t": 0.25}, "ordered", True),
+    ("extrapolate(t=0.5)", "extrapolate", {"t": 0.5}, "ordered", True),
+    ("extrapolate(t=1)", "extrapolate", {"t": 1.0}, "ordered", True),
+    ("average(k=2)", "average", {"k": 2}, "zoo", False),
+    ("average(k=4)", "average", {"k": 4}, "zoo", False),
+    ("average(k=all)", "average", {"k": "all"}, "zoo", True),
+    ("pca-gaussian(scale=0.5)", "pca-gaussian", {"scale": 0.5}, "zoo", False),
+    ("pca-gaussian(scale=1)", "pca-gaussian", {"scale": 1.0}, "zoo", False),
+    ("pca-gaussian(scale=2)", "pca-gaussian", {"scale": 2.0}, "zoo", False),
+)
+# Rows that need the vet-rng branch (new generators, new options): skipped while their generator
+# is unregistered or refuses the config. At merge the lead empties this set, so that a missing
+# baseline is an error, not a silent gap.
+PENDING = frozenset(
+    {
+        "zoo-member",
+        "latest",
+        "extrapolate(t=0.25)",
+        "extrapolate(t=0.5)",
+        "extrapolate(t=1)",
+        "average(k=all)",
+        "pca-gaussian(scale=0.5)",
+        "pca-gaussian(scale=1)",
+        "pca-gaussian(scale=2)",
+    }
+)
+NOISE_SWEEP = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # the fixed radii, cut after 1.5x max novelty
+NOISE_REACH = 1.5  # the sweep reaches this many times the largest candidate novelty
 
 
 class PipelineOptions(BaseModel):
@@ -44,7 +85,8 @@ class PipelineOptions(BaseModel):
     zoo: str | None = None  # zoos/<id>/ of the chosen tensors: fit zoo generators on it
     joint: bool = False  # generators (not baselines) fit a group's same-shape tensors as one stack
     text: str | None = None  # held-out text for lm-perplexity / embedding-similarity
-    noise_radii: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # noise baselines (std units)
+    text_bytes: int | None = Field(None, ge=1)  # score the text's first bytes only (None: all)
+    noise_radii: tuple[float, ...] = NOISE_SWEEP  # fixed noise radii (std units), cut at 1.5x max novelty
     device: str = "auto"
     images: str = "preview"  # images of extracted and predicted tensors
     run_id: str | None = None  # default: derived from the options, so a re-run resumes
@@ -58,7 +100,20 @@ class PipelineResult:
     candidates: dict[str, str] = field(default_factory=dict)  # label -> candidate location
     report_url: str | None = None
     reports: list[str] = field(default_factory=list)  # one report per layer group
-    summary: list[str] = field(default_factory=list)  # the report's verdict sentences
+    summary: list[str] = field(default_factory=list)  # the reports' decision sentences
+    summaries: list[dict] = field(default_factory=list)  # report.json's `summary` per group
+
+
+@dataclass(frozen=True)
+class Run:
+    """One prediction run of a group: a label's samples."""
+
+    label: str
+    generator: str
+    kind: str  # candidate | baseline
+    config: dict
+    pred_id: str
+    samples: int
 
 
 def run_id_for(source: str, options: PipelineOptions) -> str:
@@ -77,14 +132,55 @@ def check(options: PipelineOptions) -> None:
         raise WeightsmithError("--layers", "the predict stage needs at least one layer group")
 
 
-def predictions_plan(options: PipelineOptions) -> list[tuple[str, str, dict, str]]:
-    """(label, generator, config, kind) for each prediction of one layer group."""
-    plan = [(g, g, options.generator_config.get(g, {}), "candidate") for g in options.generators]
-    plan += [(b, b, {}, "baseline") for b in BASELINES if b != "noise"]
-    plan += [(f"noise(r={r:g})", "noise", {"radius": r}, "baseline") for r in options.noise_radii]
-    if options.zoo:
-        plan += [(b, b, {}, "baseline") for b in ZOO_BASELINES]
+@dataclass(frozen=True)
+class Planned:
+    """A prediction to make: label, generator, config, kind and samples."""
+
+    label: str
+    generator: str
+    config: dict
+    kind: str  # candidate | baseline
+    samples: int
+
+
+def zoo_is_ordered(store, zoo: str | None) -> bool:
+    """Whether zoo.json's attrs say the checkpoints are in training order."""
+    if not zoo:
+        return False
+    from weightsmith.store import Store
+    from weightsmith.zoo import read_zoo
+
+    store = store if not isinstance(store, str) else Store(store)
+    return bool(read_zoo(store, zoo).get("attrs", {}).get("ordered"))
+
+
+def predictions_plan(options: PipelineOptions, ordered: bool = False) -> list[Planned]:
+    """The predictions of one layer group before noise: generators, then BASELINE_TABLE's rows."""
+    plan = [
+        Planned(g, g, options.generator_config.get(g, {}), "candidate", options.samples) for g in options.generators
+    ]
+    for label, generator, config, needs, deterministic in BASELINE_TABLE:
+        if (needs == "zoo" and not options.zoo) or (needs == "ordered" and not (options.zoo and ordered)):
+            continue
+        if label in PENDING and not _accepts(generator, config):
+            continue
+        plan.append(Planned(label, generator, dict(config), "baseline", 1 if deterministic else options.samples))
     return plan
+
+
+def _accepts(generator: str, config: dict) -> bool:
+    """Whether the generator is registered and its config validates (for PENDING rows only)."""
+    if generator not in GENERATORS:
+        return False
+    from pydantic import ValidationError
+
+    from weightsmith.generators.registry import get
+
+    try:
+        get(generator).Config.model_validate(config)
+    except (ValidationError, AttributeError):
+        return False
+    return True
 
 
 def predict_group(
@@ -96,15 +192,19 @@ def predict_group(
     generator: str,
     config: dict,
     options: PipelineOptions,
+    samples: int | None = None,
 ) -> str:
-    """One prediction run (reused when complete); returns its run id."""
+    """One prediction run (reused when complete); returns its run id.
+
+    Every label fits on the group's zoo when there is one: baselines and generators see the same
+    examples.
+    """
     from weightsmith.predict import PREDICTION, PredictOptions, predict
 
     pred_id = f"{run_id}-g{gi}-{_slug(label)}"
     if model.store.exists(model.key("predictions", pred_id, PREDICTION)):
         return pred_id
     model.store.delete(model.key("predictions", pred_id))  # leftovers of an interrupted try
-    zoo = options.zoo if (generator in ZOO_BASELINES or generator.startswith("zoo")) else None
     # Baselines stay per tensor: per-tensor scales and permutations are the stronger baselines.
     joint = options.joint and generator in options.generators
     predict(
@@ -113,10 +213,10 @@ def predict_group(
             layer=group,
             generator=generator,
             config=config,
-            samples=options.samples,
+            samples=options.samples if samples is None else samples,
             seed=options.seed,
             device=options.device,
-            zoo=zoo,
+            zoo=options.zoo,
             joint=joint,
             images=options.images,
             run_id=pred_id,
@@ -152,6 +252,7 @@ def _slug(label: str) -> str:
 def run_pipeline(source: str, options: PipelineOptions, say: Callable[[str], None] = print) -> PipelineResult:
     """All stages in this process (the flow runs the same stage functions as tasks)."""
     from weightsmith.extract import ExtractOptions, extract
+    from weightsmith.vetting import vet_group
 
     check(options)
     run_id = run_id_for(source, options)
@@ -167,75 +268,69 @@ def run_pipeline(source: str, options: PipelineOptions, say: Callable[[str], Non
     original = original_candidate(model, run_id)
     for gi, group in enumerate(options.layers):
         runs = run_group(model, run_id, gi, group, options, say)
-        for label, _gen, _kind, _cfg, pred_id in runs:
-            result.predictions[f"g{gi}:{label}"] = pred_id
-            for s in range(options.samples):
-                result.candidates[f"g{gi}:{label}#{s}"] = assemble_candidate(model, pred_id, s)
+        for run in runs:
+            result.predictions[f"g{gi}:{run.label}"] = run.pred_id
+            for s in range(run.samples):
+                result.candidates[f"g{gi}:{run.label}#{s}"] = assemble_candidate(model, run.pred_id, s)
         say(f"group {gi}: {len(runs)} prediction runs assembled; vetting")
-        from weightsmith.vetting import vet_group
-
-        text = options.text if "lm-eval" in options.stages else None
-        url, sentences, _rows = vet_group(
-            model,
-            f"{run_id}-g{gi}",
-            key_of(model, original),
-            runs,
-            options.samples,
-            options.zoo,
-            text,
-            options.device,
-            say,
-        )
-        result.report_url = url if result.report_url is None else result.report_url
-        result.reports.append(url)
-        result.summary += [f"group {gi}: {s}" for s in sentences]
+        vetted = vet_group(model, f"{run_id}-g{gi}", key_of(model, original), runs, options, say)
+        result.report_url = vetted.url if result.report_url is None else result.report_url
+        result.reports.append(vetted.url)
+        result.summary += [f"group {gi}: {s}" for s in vetted.sentences]
+        result.summaries.append(vetted.summary)
     return result
 
 
 def run_group(
     model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], options: PipelineOptions, say: Callable[[str], None]
-) -> list[tuple[str, str, str, dict, str]]:
-    """Predictions of one group: generators, fixed baselines, then noise at their novelty."""
+) -> list[Run]:
+    """Predictions of one group: generators, the baseline table, then noise at their novelties."""
     runs = []
-    for label, generator, config, kind in predictions_plan(options):
-        pred_id = predict_group(model, run_id, gi, group, label, generator, config, options)
-        runs.append((label, generator, kind, config, pred_id))
-        say(f"predicted: group {gi} {label}")
-    generated = [r[4] for r in runs if r[2] == "candidate"]
-    for run in novelty_noise_runs(model, run_id, gi, group, generated, options):
+    for p in predictions_plan(options, zoo_is_ordered(model.store, options.zoo)):
+        pred_id = predict_group(model, run_id, gi, group, p.label, p.generator, p.config, options, p.samples)
+        runs.append(Run(p.label, p.generator, p.kind, p.config, pred_id, p.samples))
+        say(f"predicted: group {gi} {p.label}")
+    for run in noise_runs(model, run_id, gi, group, [r for r in runs if r.kind == "candidate"], options):
         runs.append(run)
-        say(f"predicted: group {gi} {run[0]} (the generators' median novelty)")
+        say(f"predicted: group {gi} {run.label}")
     return runs
 
 
-def novelty_noise_runs(
-    model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], generated: list[str], options: PipelineOptions
-) -> list[tuple[str, str, str, dict, str]]:
-    """Noise baselines at the median novelty of the generated samples (radii not yet run)."""
-    from weightsmith.vet import baseline_label, noise_radii
+def noise_radii_for(per_label: dict[str, float], fixed: tuple[float, ...] = NOISE_SWEEP) -> list[float]:
+    """Noise radii: each generator label's median novelty (2 significant digits) and the fixed
+    radii up to the first one at or beyond 1.5x the largest of those novelties (all of them
+    when there is none)."""
+    matched = sorted({float(f"{n:.2g}") for n in per_label.values() if np.isfinite(n) and n > 0})
+    sweep = sorted(fixed)
+    if matched:
+        reach = NOISE_REACH * max(matched)
+        cut = next((i for i, r in enumerate(sweep) if r >= reach), None)
+        if cut is None:  # the fixed radii fall short: extend them by 3x steps
+            while sweep[-1] < reach:
+                sweep.append(float(f"{sweep[-1] * 3:.2g}"))
+            cut = len(sweep) - 1
+        sweep = sweep[: cut + 1]
+    return sorted(set(matched) | set(sweep))
+
+
+def noise_runs(
+    model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], generated: list[Run], options: PipelineOptions
+) -> list[Run]:
+    """Noise baselines at each generator label's median novelty and the fixed sweep (see noise_radii_for)."""
+    from weightsmith.vet import baseline_label
     from weightsmith.vetting import group_examples, sample_novelties
 
-    if not generated:
-        return []
-    first = model.store.read_json(model.key("predictions", generated[0], "prediction.json"))
-    examples = group_examples(model, list(first["tensors"]), options.zoo)
-    novelties = [n for pred_id in generated for n in sample_novelties(model, pred_id, examples)]
-    fixed = set(options.noise_radii)
+    medians = {}
+    if generated:
+        first = model.store.read_json(model.key("predictions", generated[0].pred_id, "prediction.json"))
+        examples = group_examples(model, list(first["tensors"]), options.zoo)
+        medians = {r.label: float(np.nanmedian(sample_novelties(model, r.pred_id, examples))) for r in generated}
     runs = []
-    for r in noise_radii([float(np.nanmedian(novelties))], fixed=tuple(options.noise_radii)):
-        if r in fixed or not np.isfinite(r):
-            continue
+    for r in noise_radii_for(medians, tuple(options.noise_radii)):
         config = {"radius": float(r)}
         label = baseline_label("noise", config)
-        runs.append(
-            (
-                label,
-                "noise",
-                "baseline",
-                config,
-                predict_group(model, run_id, gi, group, label, "noise", config, options),
-            )
-        )
+        pred_id = predict_group(model, run_id, gi, group, label, "noise", config, options)
+        runs.append(Run(label, "noise", "baseline", config, pred_id, options.samples))
     return runs
 
 
