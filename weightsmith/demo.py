@@ -32,7 +32,8 @@ DEMO = {
     "tiny": {
         "checkpoints": 48,
         "every": 2,
-        "samples": 2,
+        "samples": 4,  # per label (deterministic baselines: 1); the ensemble NLL uses M = 4
+        "text_bytes": 16_000,  # of the held-out text scored (benchmarks score all of it)
         "generator_config": {
             "zoo-diffusion": {
                 "ae_steps": 150,
@@ -56,7 +57,8 @@ DEMO = {
     "full": {
         "checkpoints": 256,
         "every": 2,
-        "samples": 3,
+        "samples": 4,
+        "text_bytes": 24_000,  # sized so the first run stays under 12 min on 2 cores (bench/demo.py)
         "generator_config": {
             "zoo-diffusion": {"ae_steps": 600, "ddpm_steps": 1200},
             "tile-diffusion": {"ae_train_steps": 120, "unet_train_steps": 240, "batch_size": 32},
@@ -148,6 +150,7 @@ def run_demo(store: str, size: str = "full", console=None, use_prefect: bool = T
         zoo=zoo_id,
         joint=True,
         text=str(folder / "heldout.txt"),
+        text_bytes=plan["text_bytes"],
         images="preview",
     )
     if use_prefect:
@@ -176,24 +179,36 @@ def run_demo(store: str, size: str = "full", console=None, use_prefect: bool = T
 
 
 def _print_reports(store, reports: list[str], say) -> None:
-    """The report tables: the primary metric and the novelty of every entry."""
-    for url in reports:
+    """Per report: one line from its `summary`, then mean ± SE and novelties per label."""
+    for gi, url in enumerate(reports):
         key = url[len(store.url) + 1 :] if url.startswith(store.url) else url
         report = store.read_json(f"{key}/report.json")
-        primary = report.get("primary", {}).get("metric", "")
         say(f"\nreport {url}/report.md")
-        say(f"  {'entry':34s} {primary:>28s} {'novelty':>9s}  frontier")
-        points = report.get("frontier", {}).get("points", [])
-        frontier = {p.get("id"): p.get("frontier") for p in points}
-        for e in report.get("entries", []):
-            evaluator, _, metric = primary.partition("/")
-            value = e.get("metrics", {}).get(evaluator, {}).get(metric)
-            nov = e.get("metrics", {}).get("weight-stats", {}).get("novelty")
-            say(f"  {e.get('id', '?'):34s} {_f(value):>28s} {_f(nov):>9s}  {frontier.get(e.get('id')) or ''}")
+        say(f"  group {gi}: {_summary_line(report.get('summary') or {})}")
+        labels = (report.get("statistics") or {}).get("labels") or []
+        metric = report.get("primary", {}).get("metric", "")
+        say(f"  {'label':28s} {'n':>3s} {metric + ' ± SE':>34s} {'novelty':>9s} {'functional':>10s}")
+        for x in labels:
+            mean = f"{_f(x.get('mean'))} ± {_f(x.get('se'))}"
+            novelty, functional = _f(x.get("novelty")), _f(x.get("functional_novelty"))
+            say(f"  {x['label']:28s} {x['samples']:>3d} {mean:>34s} {novelty:>9s} {functional:>10s}")
+
+
+def _summary_line(s: dict) -> str:
+    """One line from report.json's `summary`."""
+    if not s.get("best_candidate"):
+        return "no statistics (lm-eval did not run)"
+    margin = (
+        "" if s.get("margin") is None else f", margin {s['margin']:+.2e} ± {s['margin_se']:.1e} over {s['bound_by']}"
+    )
+    return (
+        f"best {s['best_candidate']}: {s['verdict']}{margin}; functional {s.get('functional_verdict')} "
+        f"({s['samples']} samples/label, {s['text_bytes']} bytes)"
+    )
 
 
 def _f(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
+    return "-" if x is None else f"{x:.4g}" if abs(x) < 1e-3 else f"{x:.4f}"
 
 
 class _bar:

@@ -324,7 +324,7 @@ def noise_runs(
     if generated:
         first = model.store.read_json(model.key("predictions", generated[0].pred_id, "prediction.json"))
         examples = group_examples(model, list(first["tensors"]), options.zoo)
-        medians = {r.label: float(np.nanmedian(sample_novelties(model, r.pred_id, examples))) for r in generated}
+        medians = {r.label: _median(sample_novelties(model, r.pred_id, examples)) for r in generated}
     runs = []
     for r in noise_radii_for(medians, tuple(options.noise_radii)):
         config = {"radius": float(r)}
@@ -332,6 +332,12 @@ def noise_runs(
         pred_id = predict_group(model, run_id, gi, group, label, "noise", config, options)
         runs.append(Run(label, "noise", "baseline", config, pred_id, options.samples))
     return runs
+
+
+def _median(values: list[float]) -> float:
+    """The median of the finite values; NaN when there are none (constant tensors have no novelty)."""
+    kept = [v for v in values if np.isfinite(v)]
+    return float(np.median(kept)) if kept else float("nan")
 
 
 def write_stats_report(model: ModelRef, run_id: str) -> str:
