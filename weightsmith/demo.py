@@ -202,7 +202,7 @@ def _summary_line(s: dict) -> str:
         "" if s.get("margin") is None else f", margin {s['margin']:+.2e} ± {s['margin_se']:.1e} over {s['bound_by']}"
     )
     return (
-        f"best {s['best_candidate']}: {s['verdict']}{margin}; functional {s.get('functional_verdict')} "
+        f"best {s['best_candidate']}: {s['verdict']}{margin}; functionally {s.get('functional_verdict')} "
         f"({s['samples']} samples/label, {s['text_bytes']} bytes)"
     )
 

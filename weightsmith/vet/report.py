@@ -259,8 +259,8 @@ class Report:
             "" if s["margin"] is None else f", margin {s['margin']:+.2e} ± {s['margin_se']:.1e} over {s['bound_by']}"
         )
         return (
-            f"best {s['best_candidate']}: {s['verdict']}{margin}; functional {s['functional_verdict']} "
-            f"({s['samples']} samples, {s['text_bytes']} bytes)"
+            f"best {s['best_candidate']}: {s['verdict']}{margin}; functionally {s['functional_verdict']} "
+            f"({s['samples']} samples/label, {s['text_bytes']} bytes)"
         )
 
     def to_json(self) -> str:
@@ -566,17 +566,18 @@ def _statistics(entries: Sequence[Entry], results: Sequence[EntryResult], logpro
 
 
 def _decision_sentence(d: st.Decision) -> str:
+    """One line per candidate label: its verdict, margin and bound, by weight and by function."""
     if d.verdict == "unbounded":
         text = f"{d.label}: unbounded (no baseline is as novel)"
     else:
         text = (
-            f"{d.label}: {d.verdict} every qualifying baseline ({len(d.qualifying)}); margin "
+            f"{d.label}: {d.verdict} ({len(d.qualifying)} baselines as novel); margin "
             f"{d.margin:+.2e} ± {d.margin_se:.1e} nats/byte, bound by {d.bound_by}"
         )
     if d.functional_verdict == "unbounded":
-        return text + "; functional: unbounded"
+        return text + "; functionally unbounded"
     return text + (
-        f"; functional: {d.functional_verdict} (margin {d.functional_margin:+.2e} ± "
+        f"; functionally {d.functional_verdict} (margin {d.functional_margin:+.2e} ± "
         f"{d.functional_margin_se:.1e}, bound by {d.functional_bound_by})"
     )
 
