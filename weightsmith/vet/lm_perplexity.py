@@ -136,15 +136,23 @@ class LmPerplexity(Evaluator):
         return functional_novelty(probe_log, context, members, member_probe), bound
 
     def _member_probe(self, context: Context, m: int, probe_ids: list[int], w: int) -> np.ndarray:
-        """Probe log-softmax (probe, V) of member m: the original with m's replaced tensors put in."""
+        """Probe log-softmax (probe, V) of member m: the original with m's replaced tensors put in.
+
+        The original is loaded once per context; every member replaces the same tensors, so the
+        next member's values simply overwrite the last one's.
+        """
         import torch
         from transformers import AutoModelForCausalLM
 
         cfg = self.config
         assert isinstance(cfg, LmPerplexityConfig)
-        model = AutoModelForCausalLM.from_pretrained(
-            context.original.folder, local_files_only=True, dtype=torch.float32, use_safetensors=True
-        )
+        cache = self.cached(context)
+        if "member_model" not in cache:
+            model = AutoModelForCausalLM.from_pretrained(
+                context.original.folder, local_files_only=True, dtype=torch.float32, use_safetensors=True
+            )
+            cache["member_model"] = model.to(self.device).eval()
+        model = cache["member_model"]
         state = model.state_dict()
         replaced = {}
         for name, values in context.example(m).items():
@@ -152,7 +160,6 @@ class LmPerplexity(Evaluator):
                 raise WeightsmithError(str(context.original.folder), f"the model has no tensor {name!r}")
             replaced[name] = torch.from_numpy(np.ascontiguousarray(values)).reshape(state[name].shape)
         model.load_state_dict(replaced, strict=False)
-        model.to(self.device).eval()
         _, probe_log = _forward(model, probe_ids, w, cfg.batch_size, self.device, len(probe_ids) - 1)
         return probe_log
 
