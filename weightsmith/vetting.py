@@ -49,12 +49,13 @@ def sample_novelties(model: ModelRef, pred_id: str, examples: dict[str, np.ndarr
     """Per sample of a prediction run: its group novelty (vet's weight-stats `novelty`: all the
     sample's tensors together, to the single nearest example)."""
     from weightsmith.store import arrays
-    from weightsmith.vet.weight_stats import group_novelty
+    from weightsmith.vet.weight_stats import example_stds, group_novelty
 
     pred = model.store.read_json(model.key("predictions", pred_id, PREDICTION))
     stacks = {name: arrays.open_array(model.store, entry["zarr"]) for name, entry in pred["tensors"].items()}
     n = min(s.shape[0] for s in stacks.values())
-    return [group_novelty({name: np.asarray(s[i]) for name, s in stacks.items()}, examples) for i in range(n)]
+    stds = example_stds(examples={name: examples[name] for name in stacks})
+    return [group_novelty({name: np.asarray(s[i]) for name, s in stacks.items()}, examples, stds) for i in range(n)]
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,18 @@ def test_a_rerun_scores_nothing_it_scored(original: Path, tmp_path: Path) -> Non
         progress=calls.append,
     )
     assert calls and all(c.startswith("lm-perplexity") for c in calls)
+
+
+def test_js_divergence_matches_its_definition() -> None:
+    from weightsmith.vet.functional import js_divergence
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 50, 7))
+    p_log = a - np.log(np.exp(a).sum(-1, keepdims=True))
+    q_log = b - np.log(np.exp(b).sum(-1, keepdims=True))
+    p, q = np.exp(p_log), np.exp(q_log)
+    m = (p + q) / 2
+    hand = (0.5 * (p * np.log(p / m)).sum(-1) + 0.5 * (q * np.log(q / m)).sum(-1)).mean()
+    assert js_divergence(p_log, q_log) == pytest.approx(hand, rel=1e-10)
+    assert js_divergence(p_log, p_log) == 0.0
+    assert js_divergence(np.log([[1.0, 1e-300]]), np.log([[1e-300, 1.0]])) == pytest.approx(math.log(2))

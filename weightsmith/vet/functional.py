@@ -27,14 +27,30 @@ from weightsmith.vet.registry import Context
 
 def js_divergence(p_log, q_log) -> float:
     """Mean over positions of the Jensen-Shannon divergence (nats) of two (positions, V) log-softmaxes."""
-    import torch
+    return _js(Distribution.of(p_log), Distribution.of(q_log))
 
-    p_log = torch.as_tensor(p_log, dtype=torch.float64)
-    q_log = torch.as_tensor(q_log, dtype=torch.float64)
-    m_log = torch.logaddexp(p_log, q_log) - np.log(2.0)
-    kl_p = (p_log.exp() * (p_log - m_log)).sum(-1)
-    kl_q = (q_log.exp() * (q_log - m_log)).sum(-1)
-    return float((0.5 * (kl_p + kl_q)).clamp_min(0.0).mean())
+
+class Distribution:
+    """Next-token distributions (positions, V) as probabilities, with their mean entropy, float64.
+
+    JS(p, q) = H((p + q) / 2) - (H(p) + H(q)) / 2, so one log per pair once H(p), H(q) are known.
+    """
+
+    def __init__(self, probs: np.ndarray, entropy: float):
+        self.probs, self.entropy = probs, entropy
+
+    @classmethod
+    def of(cls, log_probs) -> Distribution:
+        lp = np.asarray(log_probs, dtype=np.float64)
+        p = np.exp(lp)
+        return cls(p, float(-(p * lp).sum(axis=-1).mean()))
+
+
+def _js(p: Distribution, q: Distribution) -> float:
+    m = 0.5 * (p.probs + q.probs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_m = -np.where(m > 0, m * np.log(m), 0.0).sum(axis=-1).mean()
+    return max(0.0, float(h_m - 0.5 * (p.entropy + q.entropy)))
 
 
 def members_to_compare(distances: np.ndarray, all_members: int, nearest: int) -> tuple[list[int], bool]:
@@ -50,10 +66,11 @@ def functional_novelty(
     probe_log,
     context: Context,
     members: list[int],
-    member_probe: Callable[[int], np.ndarray],
+    member_probe: Callable[[int], Distribution],
 ) -> float:
     """min over `members` of the mean JS divergence between the entry's probe outputs and theirs."""
-    return min(js_divergence(probe_log, member_probe(k)) for k in members)
+    p = Distribution.of(probe_log)
+    return min(_js(p, member_probe(k)) for k in members)
 
 
 def probe_key(context: Context, k: int, probe_ids: list[int], window: int) -> str:

@@ -115,22 +115,31 @@ class LmPerplexity(Evaluator):
 
     def _functional(self, entry: Entry, context: Context, probe_log, ids: list[int], w: int) -> tuple[float, bool]:
         """(functional novelty, whether it is an upper bound) of the entry's probe outputs."""
-        from weightsmith.vet.functional import cached_probe, functional_novelty, members_to_compare, probe_key
-        from weightsmith.vet.weight_stats import group_distances
+        from weightsmith.vet.functional import (
+            Distribution,
+            cached_probe,
+            functional_novelty,
+            members_to_compare,
+            probe_key,
+        )
+        from weightsmith.vet.weight_stats import example_stds, group_distances
 
         cfg = self.config
         assert isinstance(cfg, LmPerplexityConfig)
         cache = self.cached(context)
         k = context.k
-        distances = group_distances(entry, context) if k > cfg.all_members else np.zeros(k)
+        if k > cfg.all_members and "stds" not in cache:
+            cache["stds"] = example_stds(context)
+        distances = group_distances(entry, context, cache.get("stds")) if k > cfg.all_members else np.zeros(k)
         members, bound = members_to_compare(distances, cfg.all_members, cfg.nearest)
         probe_ids = ids[: len(probe_log) + 1]
 
-        def member_probe(m: int) -> np.ndarray:
+        def member_probe(m: int) -> Distribution:
             if ("probe", m) not in cache:
-                cache["probe", m] = cached_probe(
+                log_probs = cached_probe(
                     probe_key(context, m, probe_ids, w), lambda: self._member_probe(context, m, probe_ids, w)
                 )
+                cache["probe", m] = Distribution.of(log_probs)
             return cache["probe", m]
 
         return functional_novelty(probe_log, context, members, member_probe), bound

@@ -199,11 +199,14 @@ def _novelty(values: np.ndarray, examples, std: float) -> float:
     return float(np.sqrt(sq.min())) / (std * math.sqrt(max(1, math.prod(tuple(examples.shape[1:])))))
 
 
-def group_novelty(values: dict[str, np.ndarray], examples: dict) -> float:
-    """The group novelty (see the module's docstring) of tensors `values` to `examples` (K, *shape)."""
+def group_novelty(values: dict[str, np.ndarray], examples: dict, stds: dict[str, float] | None = None) -> float:
+    """The group novelty (see the module's docstring) of tensors `values` to `examples` (K, *shape).
+
+    stds: each tensor's pooled example std, when already known (see `example_stds`).
+    """
     total, n_all = None, 0
     for name, v in values.items():
-        std, _ = _example_stats(examples[name])
+        std = stds[name] if stds is not None else _example_stats(examples[name])[0]
         if std == 0.0:
             continue
         sq = _sq_distances(v, examples[name]) / std**2
@@ -212,24 +215,29 @@ def group_novelty(values: dict[str, np.ndarray], examples: dict) -> float:
     return math.nan if total is None else float(np.sqrt(total.min() / n_all))
 
 
-def group_distances(entry: Entry, context: Context) -> np.ndarray:
+def example_stds(context: Context | None = None, examples: dict | None = None) -> dict[str, float]:
+    """Each replaced tensor's pooled std over its examples (the context's, or those given)."""
+    if examples is None:
+        assert context is not None
+        examples = {
+            n: (context.original.tensor(n)[None] if context.examples is None else context.examples[n])
+            for n in context.tensors
+        }
+    return {n: _example_stats(x)[0] for n, x in examples.items()}
+
+
+def group_distances(entry: Entry, context: Context, stds: dict[str, float] | None = None) -> np.ndarray:
     """(K,) RMS distance of the entry's replaced tensors together to each of the context's examples."""
+    stds = stds if stds is not None else example_stds(context)
     total, n_all = None, 0
     for name in context.tensors:
         values = context.original.tensor(name) if entry is context.original else entry.tensor(name)
         examples = context.original.tensor(name)[None] if context.examples is None else context.examples[name]
-        std, _ = _example_stats(examples)
-        if std == 0.0:
+        if stds[name] == 0.0:
             continue
-        sq = _sq_distances(values, examples) / std**2
+        sq = _sq_distances(values, examples) / stds[name] ** 2
         total = sq if total is None else total + sq
         n_all += max(1, values.size)
     if total is None:
         return np.zeros(context.k)
     return np.sqrt(total / n_all)
-
-
-def novelty(values: np.ndarray, examples) -> float:
-    """RMS distance of `values` to the nearest of `examples` (K, *shape), in the examples' std."""
-    std, _ = _example_stats(examples)
-    return _novelty(values, examples, std)
