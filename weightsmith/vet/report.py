@@ -385,8 +385,15 @@ class Report:
         """Write the plots, report.md and, last, report.json under `<prefix>/reports/<run-id>/`.
 
         Returns the keys written, report.json last: its presence means the report is complete.
+        When the store already holds this very report.json and every file beside it (a re-run
+        from cached scores), nothing is rewritten: the plots would be the same bytes.
         """
         base = "/".join(p for p in (prefix.strip("/"), "reports", self.run_id) if p)
+        report_json = self.to_json().encode("utf-8")
+        npy = ["logprobs.npy", "token_bytes.npy"] if self.token_logprobs else []
+        keys = [f"{base}/{p}" for p in (*self.plot_files, *npy, "report.md", "report.json")]
+        if store.exists(keys[-1]) and store.read_bytes(keys[-1]) == report_json and all(map(store.exists, keys)):
+            return keys
         written = []
         for path, png in self.plots().items():
             store.write_bytes(f"{base}/{path}", png)
@@ -400,10 +407,9 @@ class Report:
                 np.save(buf, array)
                 store.write_bytes(f"{base}/{name}", buf.getvalue())
                 written.append(f"{base}/{name}")
-        for name, text in (("report.md", self.to_markdown()), ("report.json", self.to_json())):
-            store.write_bytes(f"{base}/{name}", text.encode("utf-8"))
-            written.append(f"{base}/{name}")
-        return written
+        store.write_bytes(f"{base}/report.md", self.to_markdown().encode("utf-8"))
+        store.write_bytes(f"{base}/report.json", report_json)
+        return [*written, f"{base}/report.md", f"{base}/report.json"]
 
 
 def vet(
