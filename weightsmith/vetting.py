@@ -10,11 +10,15 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from weightsmith.model import ModelRef
 from weightsmith.predict import PREDICTION, read_values
+
+if TYPE_CHECKING:
+    from weightsmith.pipeline import PipelineOptions, Run
 
 
 def local_folder(model: ModelRef, key: str) -> str:
@@ -73,14 +77,14 @@ def vet_group(
     model: ModelRef,
     report_id: str,
     original_key: str,
-    runs: list,
-    options,
+    runs: list[Run],
+    options: PipelineOptions,
     say: Callable[[str], None],
 ) -> GroupVet:
     """Score one group's runs (`pipeline.Run`s) with the options' text and device; scores are
     cached in the store under the model's `scores/`, so a re-run re-scores nothing it scored."""
     from weightsmith.vet import Context, Entry, ScoreCache, vet
-    from weightsmith.vet.report import _decision_sentence
+    from weightsmith.vet.report import decision_sentence
 
     text = options.text if "lm-eval" in options.stages else None
     first = model.store.read_json(model.key("predictions", runs[0].pred_id, PREDICTION))
@@ -120,7 +124,7 @@ def vet_group(
     )
     report.write(model.store, model.prefix)
     url = model.store.url_of(model.key("reports", report_id))
-    sentences = [report.summary_line(), *[_decision_sentence(d) for d in report.decisions]]
+    sentences = [report.summary_line(), *[decision_sentence(d) for d in report.decisions]]
     if not report.decisions:
         sentences += [v.sentence for v in report.verdicts]
     return GroupVet(url, sentences, report.table(), report.to_dict()["summary"], dict(report.cache))
@@ -128,10 +132,11 @@ def vet_group(
 
 def read_text(path: str, limit: int | None) -> str:
     """The held-out text, cut to its first `limit` UTF-8 bytes (at a character boundary)."""
-    data = open(path, "rb").read()
-    if limit is not None and len(data) > limit:
-        data = data[:limit]
-    return data.decode("utf-8", errors="ignore" if limit else "replace")
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    if limit is None:
+        return text
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")  # drops a cut character only
 
 
 def _examples_id(model: ModelRef, zoo: str | None) -> str:

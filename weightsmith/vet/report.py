@@ -304,7 +304,7 @@ class Report:
             lines.append(f"- created: {self.created}")
         if self.decisions:
             lines += ["", "## Summary", "", f"- {self.summary_line()}"]
-            lines += [f"- {_decision_sentence(d)}" for d in self.decisions]
+            lines += [f"- {decision_sentence(d)}" for d in self.decisions]
             lines += ["", st.BEYOND, "", f"Units: {NOVELTY_UNITS}."]
         lines += ["", "## Verdicts", ""]
         lines += [f"- {v.sentence}" for v in self.verdicts] or ["No candidates were evaluated."]
@@ -510,7 +510,7 @@ def vet(
         labels, decisions, comparisons = _statistics(everything, results, logprobs, token_bytes)
     groups = _groups(results, primary, better, {x.label: x.se for x in labels})
     points = frontier(results, primary, better)
-    scored = int(np.sum(token_bytes)) if token_bytes is not None else None
+    scored = round(float(np.sum(token_bytes, dtype=np.float64))) if token_bytes is not None else None
     return Report(
         run_id=run_id,
         model=model,
@@ -571,7 +571,7 @@ def _statistics(entries: Sequence[Entry], results: Sequence[EntryResult], logpro
     return labels, decisions, comparisons
 
 
-def _decision_sentence(d: st.Decision) -> str:
+def decision_sentence(d: st.Decision) -> str:
     """One line per candidate label: its verdict, margin and bound, by weight and by function."""
     if d.verdict == "unbounded":
         text = f"{d.label}: unbounded (no baseline is as novel)"
