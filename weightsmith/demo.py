@@ -58,7 +58,7 @@ DEMO = {
         "checkpoints": 256,
         "every": 2,
         "samples": 4,
-        "text_bytes": 24_000,  # sized so the first run stays under 12 min on 2 cores (bench/demo.py)
+        "text_bytes": 16_000,  # sized for a first run under 12 min on 2 cores (check with bench/demo.py)
         "generator_config": {
             "zoo-diffusion": {"ae_steps": 600, "ddpm_steps": 1200},
             "tile-diffusion": {"ae_train_steps": 120, "unet_train_steps": 240, "batch_size": 32},
