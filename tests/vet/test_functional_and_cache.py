@@ -150,3 +150,17 @@ def test_js_divergence_matches_its_definition() -> None:
     assert js_divergence(p_log, q_log) == pytest.approx(hand, rel=1e-10)
     assert js_divergence(p_log, p_log) == 0.0
     assert js_divergence(np.log([[1.0, 1e-300]]), np.log([[1e-300, 1.0]])) == pytest.approx(math.log(2))
+
+
+def test_large_vocabularies_take_the_chunked_path_to_the_same_number() -> None:
+    from weightsmith.vet.functional import Distribution, _js
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(2, 600, 9))
+    p_log = (a - np.log(np.exp(a).sum(-1, keepdims=True))).astype(np.float32)
+    q_log = (b - np.log(np.exp(b).sum(-1, keepdims=True))).astype(np.float32)
+    fast = _js(Distribution.of(p_log), Distribution.of(q_log))
+    chunked_p, chunked_q = Distribution.of(p_log, in_memory=10), Distribution.of(q_log, in_memory=10)
+    assert chunked_p.probs is None  # only the float32 log-probabilities are kept
+    assert _js(chunked_p, chunked_q) == pytest.approx(fast, rel=1e-9)
+    assert _js(chunked_p, Distribution.of(p_log)) == pytest.approx(0.0, abs=1e-12)  # mixed paths
