@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from weightsmith import state
-from weightsmith.pipeline import PipelineOptions, check, predictions_plan, run_id_for
+from weightsmith.pipeline import PipelineOptions, Run, check, predictions_plan, run_id_for, zoo_facts
 from weightsmith_flows.artifacts import _key
 from weightsmith_flows.extract import extract_model
 from weightsmith_tasks import pipeline as t
@@ -34,13 +34,14 @@ def weightsmith_pipeline(
     zoo: str | None = None,
     joint: bool = False,
     text: str | None = None,
+    text_bytes: int | None = None,
     noise_radii: list[float] | None = None,
     device: str = "auto",
     images: str = "preview",
     run_id: str | None = None,
     credentials: str | None = None,
 ) -> dict:
-    """Returns {"model_url", "report_url", "reports", "status", "verdicts"}; raises on failure."""
+    """Returns {"model_url", "report_url", "reports", "status", "verdicts", "summaries"}; raises on failure."""
     log = get_run_logger()
     bucket_url = use_credentials(credentials)
     options = PipelineOptions(
@@ -56,6 +57,7 @@ def weightsmith_pipeline(
         zoo=zoo,
         joint=joint,
         text=text,
+        text_bytes=text_bytes,
         noise_radii=tuple(noise_radii or PipelineOptions.model_fields["noise_radii"].default),
         device=device,
         images=images,
@@ -68,30 +70,43 @@ def weightsmith_pipeline(
     )
     if "predict" not in options.stages:
         report = t.stats_report(model_url, rid, credentials)
-        return {"model_url": model_url, "report_url": report, "reports": [report], "status": "done", "verdicts": []}
+        return {
+            "model_url": model_url,
+            "report_url": report,
+            "reports": [report],
+            "status": "done",
+            "verdicts": [],
+            "summaries": [],
+        }
 
     original = t.assemble.submit(model_url, None, 0, rid, credentials)
-    reports, verdicts = [], []
-    plan = predictions_plan(options)
+    reports, verdicts, summaries = [], [], []
+    plan = predictions_plan(options, zoo_facts(options.store, options.zoo))
     # Every group's predictions start now, so later groups fit while earlier ones are vetted.
     pending = [
         [
-            t.predict_run.submit(model_url, rid, gi, group, label, gen, cfg, options, credentials)
-            for label, gen, cfg, _kind in plan
+            t.predict_run.submit(
+                model_url, rid, gi, group, p.label, p.generator, p.config, options, credentials, p.samples
+            )
+            for p in plan
         ]
         for gi, group in enumerate(options.layers)
     ]
     for gi, group in enumerate(options.layers):
         futures = pending[gi]
-        runs = [(label, gen, kind, cfg, f.result()) for (label, gen, cfg, kind), f in zip(plan, futures, strict=True)]
-        generated = [r[4] for r in runs if r[2] == "candidate"]
-        runs += [tuple(r) for r in t.novelty_noise(model_url, rid, gi, group, generated, options, credentials)]
-        cands = [t.assemble.submit(model_url, r[4], s, rid, credentials) for r in runs for s in range(samples)]
+        runs = [
+            Run(p.label, p.generator, p.kind, p.config, f.result(), p.samples)
+            for p, f in zip(plan, futures, strict=True)
+        ]
+        generated = [r for r in runs if r.kind == "candidate"]
+        runs += list(t.novelty_noise(model_url, rid, gi, group, generated, options, credentials))
+        cands = [t.assemble.submit(model_url, r.pred_id, s, rid, credentials) for r in runs for s in range(r.samples)]
         for f in cands:
             f.result()
         outcome = t.vet(model_url, f"{rid}-g{gi}", original.result(), runs, options, credentials)
         reports.append(outcome["report_url"])
         verdicts += [f"group {gi}: {v}" for v in outcome["verdicts"]]
+        summaries.append(outcome["summary"])
         create_table_artifact(
             key=_key(f"report-{rid}-g{gi}"),
             table=outcome["table"],
@@ -112,4 +127,5 @@ def weightsmith_pipeline(
         "reports": reports,
         "status": "done",
         "verdicts": verdicts,
+        "summaries": summaries,
     }

@@ -23,9 +23,10 @@ def predict_run(
     config: dict,
     options: lib.PipelineOptions,
     credentials: str | None = None,
+    samples: int | None = None,
 ) -> str:
     use_credentials(credentials)
-    return lib.predict_group(parse_model_url(model_url), run_id, gi, group, label, generator, config, options)
+    return lib.predict_group(parse_model_url(model_url), run_id, gi, group, label, generator, config, options, samples)
 
 
 @task(name="novelty-noise-runs", **_POLICY)
@@ -34,13 +35,13 @@ def novelty_noise(
     run_id: str,
     gi: int,
     group: tuple[str, ...],
-    generated: list[str],
+    generated: list[lib.Run],
     options: lib.PipelineOptions,
     credentials: str | None = None,
-) -> list[tuple]:
-    """Noise baselines at the generators' median novelty (the radii not already run)."""
+) -> list[lib.Run]:
+    """Noise baselines at each generator label's median novelty and the fixed sweep."""
     use_credentials(credentials)
-    return lib.novelty_noise_runs(parse_model_url(model_url), run_id, gi, group, generated, options)
+    return lib.noise_runs(parse_model_url(model_url), run_id, gi, group, generated, options)
 
 
 @task(name="assemble-candidate", **_POLICY)
@@ -57,7 +58,7 @@ def vet(
     model_url: str,
     report_id: str,
     original: str,
-    runs: list[tuple],
+    runs: list[lib.Run],
     options: lib.PipelineOptions,
     credentials: str | None = None,
 ) -> dict:
@@ -65,19 +66,8 @@ def vet(
 
     use_credentials(credentials)
     model = parse_model_url(model_url)
-    text = options.text if "lm-eval" in options.stages else None
-    url, sentences, rows = vet_group(
-        model,
-        report_id,
-        lib.key_of(model, original),
-        runs,
-        options.samples,
-        options.zoo,
-        text,
-        options.device,
-        lambda m: None,
-    )
-    return {"report_url": url, "verdicts": sentences, "table": rows}
+    out = vet_group(model, report_id, lib.key_of(model, original), runs, options, lambda m: None)
+    return {"report_url": out.url, "verdicts": out.sentences, "table": out.table, "summary": out.summary}
 
 
 @task(name="weight-stats-report", **_POLICY)

@@ -5,9 +5,11 @@ a stage whose artifact is already complete is not redone, so an interrupted run 
 - predictions/<run>-<group>-<generator>/prediction.json (predict),
 - candidates/<run>-<group>-<generator>-<sample>/candidate.json (assemble),
 - reports/<run>/report.json (vet).
-Baselines are predictions like any other (`gaussian`, `permute`, `noise` at several radii,
-including the median novelty of the generated samples; with a zoo `coord-gaussian`,
-`pca-gaussian` and `average`), so the report compares everything on the same data.
+Baselines are predictions like any other (the rows of `BASELINE_TABLE`, and `noise` at the
+median novelty of each generator label's samples plus a fixed sweep of radii that reaches 1.5x
+the largest candidate novelty), so the report compares everything on the same data. When a group
+has a zoo, every label, baseline or generator, fits on the zoo (`prediction.json`'s `training`
+records what each fit saw); deterministic labels are predicted and scored with one sample.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.generators.registry import BASELINES, ZOO_BASELINES
 from weightsmith.model import ModelRef, parse_model_url
+from weightsmith.vetting import Run  # re-exported: the flow builds Runs
 
 STAGES = ("extract", "predict", "weight-stats", "lm-eval")
+
+NOISE_SWEEP = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # the fixed radii, cut after 1.5x max novelty
+NOISE_REACH = 1.5  # the sweep reaches this many times the largest candidate novelty
 
 
 class PipelineOptions(BaseModel):
@@ -44,7 +49,8 @@ class PipelineOptions(BaseModel):
     zoo: str | None = None  # zoos/<id>/ of the chosen tensors: fit zoo generators on it
     joint: bool = False  # generators (not baselines) fit a group's same-shape tensors as one stack
     text: str | None = None  # held-out text for lm-perplexity / embedding-similarity
-    noise_radii: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # noise baselines (std units)
+    text_bytes: int | None = Field(None, ge=1)  # score the text's first bytes only (None: all)
+    noise_radii: tuple[float, ...] = NOISE_SWEEP  # fixed noise radii (std units), cut at 1.5x max novelty
     device: str = "auto"
     images: str = "preview"  # images of extracted and predicted tensors
     run_id: str | None = None  # default: derived from the options, so a re-run resumes
@@ -58,7 +64,8 @@ class PipelineResult:
     candidates: dict[str, str] = field(default_factory=dict)  # label -> candidate location
     report_url: str | None = None
     reports: list[str] = field(default_factory=list)  # one report per layer group
-    summary: list[str] = field(default_factory=list)  # the report's verdict sentences
+    summary: list[str] = field(default_factory=list)  # the reports' decision sentences
+    summaries: list[dict] = field(default_factory=list)  # report.json's `summary` per group
 
 
 def run_id_for(source: str, options: PipelineOptions) -> str:
@@ -81,13 +88,60 @@ def check(options: PipelineOptions) -> None:
         raise WeightsmithError("--layers", "the predict stage needs at least one layer group")
 
 
-def predictions_plan(options: PipelineOptions) -> list[tuple[str, str, dict, str]]:
-    """(label, generator, config, kind) for each prediction of one layer group."""
-    plan = [(g, g, options.generator_config.get(g, {}), "candidate") for g in options.generators]
-    plan += [(b, b, {}, "baseline") for b in BASELINES if b != "noise"]
-    plan += [(f"noise(r={r:g})", "noise", {"radius": r}, "baseline") for r in options.noise_radii]
-    if options.zoo:
-        plan += [(b, b, {}, "baseline") for b in ZOO_BASELINES]
+@dataclass(frozen=True)
+class Planned:
+    """A prediction to make: label, generator, config, kind and samples."""
+
+    label: str
+    generator: str
+    config: dict
+    kind: str  # candidate | baseline
+    samples: int
+
+
+@dataclass(frozen=True)
+class ZooFacts:
+    """What the plan needs to know of a group's zoo."""
+
+    k: int  # members
+    ordered: bool  # zoo.json says the members are one run's checkpoints, first to last
+    base: bool  # zoo.json has a base model (the merge baselines apply)
+
+
+def zoo_facts(store, zoo: str | None) -> ZooFacts | None:
+    """The zoo's size, order and base from its zoo.json (None without a zoo)."""
+    if not zoo:
+        return None
+    from weightsmith.store import Store
+    from weightsmith.zoo import read_zoo
+
+    manifest = read_zoo(store if not isinstance(store, str) else Store(store), zoo)
+    ordered = manifest.get("ordered", manifest.get("attrs", {}).get("ordered")) is True
+    return ZooFacts(k=int(manifest["checkpoints"]), ordered=ordered, base=bool(manifest.get("base")))
+
+
+def predictions_plan(options: PipelineOptions, zoo: ZooFacts | None = None) -> list[Planned]:
+    """The predictions of one layer group before noise: the generators, then the baselines.
+
+    Baselines come from the generator registry's tables: `gaussian` and `permute` always; with a
+    zoo of K >= 2 the zoo baselines and their sweeps (`latest`/`extrapolate` for ordered zoos);
+    with a base model the merges (`task-arithmetic`, `ties`) over their sweeps. Deterministic
+    labels get one sample. `noise` is not here: its radii follow the candidates (`noise_runs`).
+    """
+    from weightsmith.generators import registry
+    from weightsmith.vet import baseline_label
+
+    plan = [
+        Planned(g, g, options.generator_config.get(g, {}), "candidate", options.samples) for g in options.generators
+    ]
+    runs = [registry.BaselineRun(name, {}, False) for name in registry.BASELINES if name != "noise"]
+    if zoo is not None:
+        runs += registry.zoo_baselines(zoo.k, zoo.ordered)
+        if zoo.base:
+            runs += registry.merge_baselines(zoo.k)
+    for run in runs:
+        samples = 1 if run.deterministic else options.samples
+        plan.append(Planned(baseline_label(run.generator, run.config), run.generator, run.config, "baseline", samples))
     return plan
 
 
@@ -100,15 +154,19 @@ def predict_group(
     generator: str,
     config: dict,
     options: PipelineOptions,
+    samples: int | None = None,
 ) -> str:
-    """One prediction run (reused when complete); returns its run id."""
+    """One prediction run (reused when complete); returns its run id.
+
+    Every label fits on the group's zoo when there is one: baselines and generators see the same
+    examples.
+    """
     from weightsmith.predict import PREDICTION, PredictOptions, predict
 
     pred_id = f"{run_id}-g{gi}-{_slug(label)}"
     if model.store.exists(model.key("predictions", pred_id, PREDICTION)):
         return pred_id
     model.store.delete(model.key("predictions", pred_id))  # leftovers of an interrupted try
-    zoo = options.zoo if (generator in ZOO_BASELINES or generator.startswith("zoo")) else None
     # Baselines stay per tensor: per-tensor scales and permutations are the stronger baselines.
     joint = options.joint and generator in options.generators
     predict(
@@ -117,10 +175,10 @@ def predict_group(
             layer=group,
             generator=generator,
             config=config,
-            samples=options.samples,
+            samples=options.samples if samples is None else samples,
             seed=options.seed,
             device=options.device,
-            zoo=zoo,
+            zoo=options.zoo,
             joint=joint,
             images=options.images,
             run_id=pred_id,
@@ -156,6 +214,7 @@ def _slug(label: str) -> str:
 def run_pipeline(source: str, options: PipelineOptions, say: Callable[[str], None] = print) -> PipelineResult:
     """All stages in this process (the flow runs the same stage functions as tasks)."""
     from weightsmith.extract import ExtractOptions, extract
+    from weightsmith.vetting import vet_group
 
     check(options)
     run_id = run_id_for(source, options)
@@ -171,76 +230,76 @@ def run_pipeline(source: str, options: PipelineOptions, say: Callable[[str], Non
     original = original_candidate(model, run_id)
     for gi, group in enumerate(options.layers):
         runs = run_group(model, run_id, gi, group, options, say)
-        for label, _gen, _kind, _cfg, pred_id in runs:
-            result.predictions[f"g{gi}:{label}"] = pred_id
-            for s in range(options.samples):
-                result.candidates[f"g{gi}:{label}#{s}"] = assemble_candidate(model, pred_id, s)
+        for run in runs:
+            result.predictions[f"g{gi}:{run.label}"] = run.pred_id
+            for s in range(run.samples):
+                result.candidates[f"g{gi}:{run.label}#{s}"] = assemble_candidate(model, run.pred_id, s)
         say(f"group {gi}: {len(runs)} prediction runs assembled; vetting")
-        from weightsmith.vetting import vet_group
-
-        text = options.text if "lm-eval" in options.stages else None
-        url, sentences, _rows = vet_group(
-            model,
-            f"{run_id}-g{gi}",
-            key_of(model, original),
-            runs,
-            options.samples,
-            options.zoo,
-            text,
-            options.device,
-            say,
-        )
-        result.report_url = url if result.report_url is None else result.report_url
-        result.reports.append(url)
-        result.summary += [f"group {gi}: {s}" for s in sentences]
+        vetted = vet_group(model, f"{run_id}-g{gi}", key_of(model, original), runs, options, say)
+        result.report_url = vetted.url if result.report_url is None else result.report_url
+        result.reports.append(vetted.url)
+        result.summary += [f"group {gi}: {s}" for s in vetted.sentences]
+        result.summaries.append(vetted.summary)
     return result
 
 
 def run_group(
     model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], options: PipelineOptions, say: Callable[[str], None]
-) -> list[tuple[str, str, str, dict, str]]:
-    """Predictions of one group: generators, fixed baselines, then noise at their novelty."""
+) -> list[Run]:
+    """Predictions of one group: generators, the baseline table, then noise at their novelties."""
     runs = []
-    for label, generator, config, kind in predictions_plan(options):
-        pred_id = predict_group(model, run_id, gi, group, label, generator, config, options)
-        runs.append((label, generator, kind, config, pred_id))
-        say(f"predicted: group {gi} {label}")
-    generated = [r[4] for r in runs if r[2] == "candidate"]
-    for run in novelty_noise_runs(model, run_id, gi, group, generated, options):
+    for p in predictions_plan(options, zoo_facts(model.store, options.zoo)):
+        pred_id = predict_group(model, run_id, gi, group, p.label, p.generator, p.config, options, p.samples)
+        runs.append(Run(p.label, p.generator, p.kind, p.config, pred_id, p.samples))
+        say(f"predicted: group {gi} {p.label}")
+    for run in noise_runs(model, run_id, gi, group, [r for r in runs if r.kind == "candidate"], options):
         runs.append(run)
-        say(f"predicted: group {gi} {run[0]} (the generators' median novelty)")
+        say(f"predicted: group {gi} {run.label}")
     return runs
 
 
-def novelty_noise_runs(
-    model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], generated: list[str], options: PipelineOptions
-) -> list[tuple[str, str, str, dict, str]]:
-    """Noise baselines at the median novelty of the generated samples (radii not yet run)."""
-    from weightsmith.vet import baseline_label, noise_radii
+def noise_radii_for(per_label: dict[str, float], fixed: tuple[float, ...] = NOISE_SWEEP) -> list[float]:
+    """Noise radii: each generator label's median novelty (2 significant digits) and the fixed
+    radii up to the first one at or beyond 1.5x the largest of those novelties (all of them
+    when there is none)."""
+    matched = sorted({float(f"{n:.2g}") for n in per_label.values() if np.isfinite(n) and n > 0})
+    sweep = sorted(fixed)
+    if matched:
+        reach = NOISE_REACH * max(matched)
+        cut = next((i for i, r in enumerate(sweep) if r >= reach), None)
+        if cut is None:  # the fixed radii fall short: extend them by 3x steps
+            while sweep[-1] < reach:
+                sweep.append(float(f"{sweep[-1] * 3:.2g}"))
+            cut = len(sweep) - 1
+        sweep = sweep[: cut + 1]
+    return sorted(set(matched) | set(sweep))
+
+
+def noise_runs(
+    model: ModelRef, run_id: str, gi: int, group: tuple[str, ...], generated: list[Run], options: PipelineOptions
+) -> list[Run]:
+    """Noise baselines at each generator label's median novelty and the fixed sweep (see noise_radii_for)."""
+    from weightsmith.vet import baseline_label
     from weightsmith.vetting import group_examples, sample_novelties
 
-    if not generated:
-        return []
-    first = model.store.read_json(model.key("predictions", generated[0], "prediction.json"))
-    examples = group_examples(model, list(first["tensors"]), options.zoo)
-    novelties = [n for pred_id in generated for n in sample_novelties(model, pred_id, examples)]
-    fixed = set(options.noise_radii)
+    medians = {}
+    if generated:
+        first = model.store.read_json(model.key("predictions", generated[0].pred_id, "prediction.json"))
+        examples = group_examples(model, list(first["tensors"]), options.zoo)
+        medians = {r.label: _median(sample_novelties(model, r.pred_id, examples)) for r in generated}
     runs = []
-    for r in noise_radii([float(np.nanmedian(novelties))], fixed=tuple(options.noise_radii)):
-        if r in fixed or not np.isfinite(r):
-            continue
+    for r in noise_radii_for(medians, tuple(options.noise_radii)):
         config = {"radius": float(r)}
         label = baseline_label("noise", config)
-        runs.append(
-            (
-                label,
-                "noise",
-                "baseline",
-                config,
-                predict_group(model, run_id, gi, group, label, "noise", config, options),
-            )
-        )
+        pred_id = predict_group(model, run_id, gi, group, label, "noise", config, options)
+        runs.append(Run(label, "noise", "baseline", config, pred_id, options.samples))
     return runs
+
+
+def _median(values: list[float]) -> float:
+    """The median of the finite values; NaN when there are none (constant tensors have no novelty)."""
+    kept = [v for v in values if np.isfinite(v)]
+    return float(np.median(kept)) if kept else float("nan")
 
 
 def write_stats_report(model: ModelRef, run_id: str) -> str:

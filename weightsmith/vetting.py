@@ -9,11 +9,35 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from weightsmith.model import ModelRef
 from weightsmith.predict import PREDICTION, read_values
+
+
+class VetOptions(Protocol):
+    """What the vet stage reads of the pipeline's options (weightsmith.pipeline.PipelineOptions)."""
+
+    stages: tuple[str, ...]
+    text: str | None
+    text_bytes: int | None
+    zoo: str | None
+    device: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """One prediction run of a group: a label's samples."""
+
+    label: str
+    generator: str
+    kind: str  # candidate | baseline
+    config: dict
+    pred_id: str
+    samples: int
 
 
 def local_folder(model: ModelRef, key: str) -> str:
@@ -45,59 +69,101 @@ def group_examples(model: ModelRef, names: list[str], zoo: str | None) -> dict[s
 
 
 def sample_novelties(model: ModelRef, pred_id: str, examples: dict[str, np.ndarray]) -> list[float]:
-    """Per sample of a prediction run: mean novelty over its tensors (vet's weight-stats unit)."""
+    """Per sample of a prediction run: its group novelty (vet's weight-stats `novelty`: all the
+    sample's tensors together, to the single nearest example)."""
     from weightsmith.store import arrays
-    from weightsmith.vet.weight_stats import novelty
+    from weightsmith.vet.weight_stats import example_stds, group_novelty
 
     pred = model.store.read_json(model.key("predictions", pred_id, PREDICTION))
-    per_sample: list[list[float]] = []
-    for name, entry in pred["tensors"].items():
-        stacked = arrays.open_array(model.store, entry["zarr"])
-        for s in range(stacked.shape[0]):
-            if len(per_sample) <= s:
-                per_sample.append([])
-            per_sample[s].append(novelty(np.asarray(stacked[s]), examples[name]))
-    return [float(np.nanmean(v)) for v in per_sample]
+    stacks = {name: arrays.open_array(model.store, entry["zarr"]) for name, entry in pred["tensors"].items()}
+    n = min(s.shape[0] for s in stacks.values())
+    stds = example_stds(examples={name: examples[name] for name in stacks})
+    return [group_novelty({name: np.asarray(s[i]) for name, s in stacks.items()}, examples, stds) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class GroupVet:
+    """What vetting one group gives: the report's URL, its sentences, table and summary."""
+
+    url: str
+    sentences: list[str]  # the summary line, then one decision per candidate label
+    table: list[dict]  # one flat row per entry (a Prefect table)
+    summary: dict  # report.json's `summary`
+    cache: dict  # score-cache hits and misses
 
 
 def vet_group(
     model: ModelRef,
     report_id: str,
     original_key: str,
-    runs: list[tuple[str, str, str, dict, str]],
-    samples: int,
-    zoo: str | None,
-    text: str | None,
-    device: str,
+    runs: list[Run],
+    options: VetOptions,
     say: Callable[[str], None],
-) -> tuple[str, list[str], list[dict]]:
-    """Score one group's runs; `runs` are (label, generator, kind, config, prediction id).
+) -> GroupVet:
+    """Score one group's runs (`pipeline.Run`s) with the options' text and device; scores are
+    cached in the store under the model's `scores/`, so a re-run re-scores nothing it scored."""
+    from weightsmith.vet import Context, Entry, ScoreCache, vet
+    from weightsmith.vet.report import decision_sentence
 
-    Returns (report URL, verdict sentences, table rows).
-    """
-    from weightsmith.vet import Context, Entry, vet
-
-    first = model.store.read_json(model.key("predictions", runs[0][4], PREDICTION))
+    text = options.text if "lm-eval" in options.stages else None
+    first = model.store.read_json(model.key("predictions", runs[0].pred_id, PREDICTION))
     names = list(first["tensors"])
-    examples = group_examples(model, names, zoo)
+    examples = group_examples(model, names, options.zoo)
     orig = Entry(label="original", kind="original", generator="", sample=0, folder=local_folder(model, original_key))
     entries = []
-    for label, generator, kind, config, pred_id in runs:
-        for s in range(samples):
-            folder = local_folder(model, model.key("candidates", f"{pred_id}-s{s}"))
-            entries.append(Entry(label=label, kind=kind, generator=generator, sample=s, folder=folder, params=config))
-    text_value = open(text, encoding="utf-8", errors="replace").read() if text else ""
-    context = Context(original=orig, tensors=tuple(names), text=text_value, text_source=text or "", examples=examples)
+    for run in runs:
+        for s in range(run.samples):
+            folder = local_folder(model, model.key("candidates", f"{run.pred_id}-s{s}"))
+            entries.append(
+                Entry(
+                    label=run.label, kind=run.kind, generator=run.generator, sample=s, folder=folder, params=run.config
+                )
+            )
+    text_value = read_text(text, options.text_bytes) if text else ""
+    context = Context(
+        original=orig,
+        tensors=tuple(names),
+        text=text_value,
+        text_source=text or "",
+        examples=examples,
+        examples_id=_examples_id(model, options.zoo),
+    )
     evaluators = None if text else ["weight-stats"]
+    cache = ScoreCache(model.store, model.key("scores"))
     report = vet(
         context,
         entries,
         run_id=report_id,
         model=f"{model.slug}@{model.revision}",
         evaluators=evaluators,
-        device="cpu" if device == "auto" else device,
+        options={"lm-perplexity": {"max_tokens": 1 << 40}} if text else None,  # the text is cut to text_bytes here
+        device="cpu" if options.device == "auto" else options.device,
         progress=lambda msg: say(f"  vet {msg}"),
+        cache=cache,
     )
     report.write(model.store, model.prefix)
     url = model.store.url_of(model.key("reports", report_id))
-    return url, [v.sentence for v in report.verdicts], report.table()
+    sentences = [report.summary_line(), *[decision_sentence(d) for d in report.decisions]]
+    if not report.decisions:
+        sentences += [v.sentence for v in report.verdicts]
+    return GroupVet(url, sentences, report.table(), report.to_dict()["summary"], dict(report.cache))
+
+
+def read_text(path: str, limit: int | None) -> str:
+    """The held-out text, cut to its first `limit` UTF-8 bytes (at a character boundary)."""
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    if limit is None:
+        return text
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")  # drops a cut character only
+
+
+def _examples_id(model: ModelRef, zoo: str | None) -> str:
+    """Names the examples for the score cache: the zoo's id and zoo.json's sha256, else the original."""
+    if not zoo:
+        return "original"
+    import hashlib
+
+    from weightsmith.zoo import ZOO_MANIFEST, zoo_prefix
+
+    return f"zoo:{zoo}:{hashlib.sha256(model.store.read_bytes(f'{zoo_prefix(zoo)}/{ZOO_MANIFEST}')).hexdigest()}"

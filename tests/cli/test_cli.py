@@ -292,7 +292,7 @@ def test_demo_tiny_runs_every_stage_end_to_end(home: Path, tmp_path: Path) -> No
             "tile-diffusion",
             "gaussian",
             "permute",
-            "average",
+            "average(k=2)",
             "coord-gaussian",
             "pca-gaussian",
         } <= labels

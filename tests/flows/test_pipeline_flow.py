@@ -31,7 +31,7 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
         source=str(model_dir),
         store=str(tmp_path / "store"),
         stages=["extract", "predict", "weight-stats", "lm-eval"],
-        layers=[["transformer.h.0.ln_1.*"]],
+        layers=[["transformer.h.0.ln_1.*", "transformer.h.0.attn.c_proj.weight"]],  # ln_1 is constant: no std
         generators=["tile-diffusion"],
         generator_config={"tile-diffusion": TILE},
         samples=1,
@@ -45,7 +45,18 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     labels = {e["label"] for e in report["entries"]}
     assert {"original", "tile-diffusion", "gaussian", "permute", "noise(r=0.01)"} <= labels
     assert report["primary"]["metric"] == "lm-perplexity/nll_per_byte"
-    assert first["verdicts"] and "tile-diffusion#0" in first["verdicts"][0]
+    assert first["verdicts"] and "tile-diffusion" in first["verdicts"][0]
+    summary = report["summary"]
+    assert first["summaries"] == [summary]
+    assert summary["best_candidate"] == "tile-diffusion" and summary["samples"] == 1
+    assert summary["verdict"] in ("beyond", "not beyond", "unbounded")
+    assert summary["text_bytes"] == len(text.read_bytes())
+    stats = {s["label"]: s for s in report["statistics"]["labels"]}
+    assert stats["gaussian"]["se"] is not None and stats["gaussian"]["se"] >= 0
+    # noise at the generator's own median novelty, and a sweep reaching 1.5x it
+    novelty = stats["tile-diffusion"]["novelty"]
+    radii = [e["params"]["radius"] for e in report["entries"] if e["generator"] == "noise"]
+    assert float(f"{novelty:.2g}") in radii and max(radii) >= 1.5 * novelty
     predictions = sorted(model.store.list(model.key("predictions")))
     candidates = [k for k in model.store.list(model.key("candidates")) if k.endswith("candidate.json")]
     assert len(candidates) == len(labels)  # one per label and sample (+ the original)
@@ -53,7 +64,9 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     # An interrupted run: one candidate lost its completion marker. Re-running redoes that one only.
     lost = candidates[1]
     model.store.delete(lost)
+    scores = sorted(model.store.list(model.key("scores")))
     again = weightsmith_pipeline(**args)
+    assert sorted(model.store.list(model.key("scores"))) == scores  # nothing re-scored
     assert again["reports"] == first["reports"]
     assert model.store.exists(lost)
     assert sorted(model.store.list(model.key("predictions"))) == predictions  # nothing re-predicted

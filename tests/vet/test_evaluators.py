@@ -211,7 +211,10 @@ def test_weight_stats_of_the_original_and_a_noisy_copy(gpt2: Path, tmp_path: Pat
     )
     assert 0.0 < attn["cosine"] < 1.0
     assert scores.per_tensor[LN]["novelty"] == 0.0
-    assert scores.metrics["novelty"] == pytest.approx((attn["novelty"] + 0.0) / 2)
+    # the group's novelty: both tensors together to the one example, RMS over all their values
+    n_attn, n_ln = weights[ATTN].size, ln.size
+    assert scores.metrics["novelty"] == pytest.approx(attn["novelty"] * math.sqrt(n_attn / (n_attn + n_ln)))
+    assert scores.metrics["nearest"] == 0.0
 
 
 def test_weight_stats_novelty_and_typical_distance_in_a_zoo() -> None:

@@ -315,6 +315,18 @@ def test_write_puts_the_report_in_the_store(report: Report, tmp_path: Path) -> N
         assert store.read_bytes(f"{base}/{path}").startswith(PNG)
 
 
+def test_writing_the_same_report_again_rewrites_nothing(report: Report, tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    keys = report.write(store, "m")
+    png = tmp_path / "store" / keys[0]
+    before = png.stat().st_mtime_ns
+    assert report.write(store, "m") == keys
+    assert png.stat().st_mtime_ns == before  # not rewritten: the same report.json and every file
+    png.unlink()  # a lost plot: written again
+    report.write(store, "m")
+    assert png.read_bytes().startswith(PNG)
+
+
 # --- determinism --------------------------------------------------------------------------
 
 

@@ -31,7 +31,8 @@ DEMO = {
     "tiny": {
         "checkpoints": 48,
         "every": 2,
-        "samples": 2,
+        "samples": 4,  # per label (deterministic baselines: 1); the ensemble NLL uses M = 4
+        "text_bytes": 16_000,  # of the held-out text scored (benchmarks score all of it)
         "generator_config": {
             "zoo-diffusion": {
                 "ae_steps": 150,
@@ -55,7 +56,8 @@ DEMO = {
     "full": {
         "checkpoints": 256,
         "every": 2,
-        "samples": 3,
+        "samples": 4,
+        "text_bytes": 16_000,  # sized for a first run under 12 min on 2 cores (check with bench/demo.py)
         "generator_config": {
             "zoo-diffusion": {"ae_steps": 600, "ddpm_steps": 1200},
             "tile-diffusion": {"ae_train_steps": 120, "unet_train_steps": 240, "batch_size": 32},
@@ -104,7 +106,7 @@ def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunne
         f"({'plateau' if facts.get('plateau') else 'step cap'}); cached in {folder}"
     )
 
-    zoo_id = f"demo-{size}-k{plan['checkpoints']}"
+    zoo_id = f"demo-{size}-k{plan['checkpoints']}-ordered"  # one run's checkpoints, first to last
     store_obj = Store(store)
     store_obj.check_writable()
     patterns = tuple(p for group in LAYER_GROUPS for p in group)
@@ -117,7 +119,7 @@ def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunne
             stacks = collect_zoo(
                 folder, patterns, plan["checkpoints"], every=plan["every"], progress=lambda k, total: advance(k, "")
             )
-        write_zoo(store_obj, zoo_id, stacks, attrs={"model": str(folder), "every": plan["every"]})
+        write_zoo(store_obj, zoo_id, stacks, attrs={"model": str(folder), "every": plan["every"], "ordered": True})
 
     torch.set_num_threads(1)
     say("3/3 pipeline: extract -> zoo-diffusion, tile-diffusion and baselines -> assemble -> vet")
@@ -132,6 +134,7 @@ def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunne
         zoo=zoo_id,
         joint=True,
         text=str(folder / "heldout.txt"),
+        text_bytes=plan["text_bytes"],
         images="preview",
     )
     runner = runner or (lambda source, opts: run_pipeline(source, opts, say=lambda m: None))
@@ -146,24 +149,36 @@ def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunne
 
 
 def _print_reports(store, reports: list[str], say) -> None:
-    """The report tables: the primary metric and the novelty of every entry."""
-    for url in reports:
+    """Per report: one line from its `summary`, then mean ± SE and novelties per label."""
+    for gi, url in enumerate(reports):
         key = url[len(store.url) + 1 :] if url.startswith(store.url) else url
         report = store.read_json(f"{key}/report.json")
-        primary = report.get("primary", {}).get("metric", "")
         say(f"\nreport {url}/report.md")
-        say(f"  {'entry':34s} {primary:>28s} {'novelty':>9s}  frontier")
-        points = report.get("frontier", {}).get("points", [])
-        frontier = {p.get("id"): p.get("frontier") for p in points}
-        for e in report.get("entries", []):
-            evaluator, _, metric = primary.partition("/")
-            value = e.get("metrics", {}).get(evaluator, {}).get(metric)
-            nov = e.get("metrics", {}).get("weight-stats", {}).get("novelty")
-            say(f"  {e.get('id', '?'):34s} {_f(value):>28s} {_f(nov):>9s}  {frontier.get(e.get('id')) or ''}")
+        say(f"  group {gi}: {_summary_line(report.get('summary') or {})}")
+        labels = (report.get("statistics") or {}).get("labels") or []
+        metric = report.get("primary", {}).get("metric", "")
+        say(f"  {'label':28s} {'n':>3s} {metric + ' ± SE':>34s} {'novelty':>9s} {'functional':>10s}")
+        for x in labels:
+            mean = f"{_f(x.get('mean'))} ± {_f(x.get('se'))}"
+            novelty, functional = _f(x.get("novelty")), _f(x.get("functional_novelty"))
+            say(f"  {x['label']:28s} {x['samples']:>3d} {mean:>34s} {novelty:>9s} {functional:>10s}")
+
+
+def _summary_line(s: dict) -> str:
+    """One line from report.json's `summary`."""
+    if not s.get("best_candidate"):
+        return "no statistics (lm-eval did not run)"
+    margin = (
+        "" if s.get("margin") is None else f", margin {s['margin']:+.2e} ± {s['margin_se']:.1e} over {s['bound_by']}"
+    )
+    return (
+        f"best {s['best_candidate']}: {s['verdict']}{margin}; functionally {s.get('functional_verdict')} "
+        f"({s['samples']} samples/label, {s['text_bytes']} bytes)"
+    )
 
 
 def _f(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
+    return "-" if x is None else f"{x:.4g}" if abs(x) < 1e-3 else f"{x:.4f}"
 
 
 class _bar:

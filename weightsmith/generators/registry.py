@@ -94,3 +94,17 @@ def zoo_baselines(k: int, ordered: bool) -> list[BaselineRun]:
                 continue
             runs.append(BaselineRun(name, dict(config), deterministic(name, config, k)))
     return runs
+
+
+def merge_baselines(k: int) -> list[BaselineRun]:
+    """The merges of a zoo of k members with a base model: each MERGE_BASELINES module's SWEEP,
+    without subsets as large as the zoo (k=None, all members, covers them)."""
+    runs = []
+    for name in MERGE_BASELINES:
+        module = importlib.import_module(GENERATORS[name].split(":")[0])
+        for config in module.SWEEP:
+            if config.get("k") is not None and config["k"] >= k:
+                continue
+            config = {key: v for key, v in config.items() if v is not None}
+            runs.append(BaselineRun(name, config, deterministic(name, config, k)))
+    return runs

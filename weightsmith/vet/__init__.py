@@ -5,6 +5,7 @@ One module per evaluator, listed in `registry.py` (with the shared `Entry`, `Con
 `plots.py` draws its charts.
 """
 
+from weightsmith.vet.cache import ScoreCache
 from weightsmith.vet.registry import (
     EVALUATORS,
     Context,
@@ -40,6 +41,7 @@ __all__ = [
     "Histogram",
     "Point",
     "Report",
+    "ScoreCache",
     "Scores",
     "Verdict",
     "baseline_label",

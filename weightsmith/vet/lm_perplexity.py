@@ -11,12 +11,19 @@
    tokens before it in its window; the windows, and so the numbers, are deterministic.
 4. nll_per_token = total NLL / tokens; nll_per_byte = total NLL / UTF-8 bytes of the
    evaluated text (nats; lower is better). Byte-level ids give equal numbers.
+5. Kept for statistics (`Scores.arrays`): `logprob`, each predicted token's log-probability, and
+   `token_bytes`, the bytes each token spells (1 for byte-level ids; with a tokenizer, each
+   token decoded alone, scaled so the total is the text's bytes).
+6. functional_novelty (see `weightsmith.vet.functional`) from the same pass's logits on the
+   first `probe_tokens` predicted tokens; functional_upper_bound is 1 when only the nearest
+   members were compared.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from pydantic import Field
 
 from weightsmith.errors import WeightsmithError
@@ -39,6 +46,9 @@ class LmPerplexityConfig(EvaluatorConfig):
     max_tokens: int = Field(20_000, ge=1)  # tokens of the text evaluated at most
     window: int = Field(1024, ge=2)  # tokens per window at most (the model's context if less)
     batch_size: int = Field(4, ge=1)  # windows per forward pass
+    probe_tokens: int = Field(4096, ge=0)  # functional novelty's probe (0: not measured)
+    all_members: int = Field(32, ge=1)  # compare with every example up to this many
+    nearest: int = Field(16, ge=1)  # else with this many nearest by weight distance (upper bound)
 
 
 class LmPerplexity(Evaluator):
@@ -46,7 +56,12 @@ class LmPerplexity(Evaluator):
 
     name = "lm-perplexity"
     Config = LmPerplexityConfig
-    metrics = {"nll_per_byte": "lower", "nll_per_token": "lower"}
+    metrics = {
+        "nll_per_byte": "lower",
+        "nll_per_token": "lower",
+        "functional_novelty": None,
+        "functional_upper_bound": None,
+    }
     primary = "nll_per_byte"
 
     @classmethod
@@ -72,37 +87,132 @@ class LmPerplexity(Evaluator):
         w = min(cfg.window, int(context_length))
         if w < 2:
             raise WeightsmithError(str(entry.folder), f"a context of {w} tokens predicts nothing")
-        seq = torch.tensor(ids, dtype=torch.long)  # (1 + tokens,): prefix, then the text
-        starts = list(range(0, len(ids) - 1, w - 1))
-        windows = [seq[s : s + w] for s in starts]
-        # full windows batch together; a shorter last one runs alone
-        full = [x for x in windows if len(x) == w]
-        batches = [full[i : i + cfg.batch_size] for i in range(0, len(full), cfg.batch_size)]
-        batches += [[x] for x in windows if len(x) != w]
-        total, predicted = 0.0, 0
-        with torch.inference_mode():
-            for batch in batches:
-                x = torch.stack(batch).to(self.device)  # (B, L)
-                logits = model(input_ids=x).logits.float()  # (B, L, V)
-                nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]),
-                    x[:, 1:].reshape(-1),
-                    reduction="none",
-                )  # (B * (L - 1),)
-                total += float(nll.double().sum())
-                predicted += nll.numel()
+        probe = min(cfg.probe_tokens, len(ids) - 1)
+        logprob, probe_log = _forward(model, ids, w, cfg.batch_size, self.device, probe)
         del model
+        total = -float(logprob.sum())
+        predicted = len(logprob)
+        assert predicted == len(ids) - 1, (predicted, len(ids))
+        metrics = {
+            "nll_per_token": total / predicted if math.isfinite(total) else math.nan,
+            "nll_per_byte": total / n_bytes if math.isfinite(total) else math.nan,
+            "tokens": float(predicted),
+            "bytes": float(n_bytes),
+            "functional_novelty": math.nan,
+            "functional_upper_bound": math.nan,
+        }
+        if probe_log is not None:
+            metrics["functional_novelty"], bound = self._functional(entry, context, probe_log, ids, w)
+            metrics["functional_upper_bound"] = float(bound)
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        assert predicted == len(ids) - 1, (predicted, len(ids))
+        if "token_bytes" not in cache:
+            cache["token_bytes"] = _token_bytes(context, ids[1:], n_bytes)
         return Scores(
-            metrics={
-                "nll_per_token": total / predicted if math.isfinite(total) else math.nan,
-                "nll_per_byte": total / n_bytes if math.isfinite(total) else math.nan,
-                "tokens": float(predicted),
-                "bytes": float(n_bytes),
-            }
+            metrics=metrics,
+            arrays={"logprob": logprob.astype(np.float32), "token_bytes": cache["token_bytes"]},
         )
+
+    def _functional(self, entry: Entry, context: Context, probe_log, ids: list[int], w: int) -> tuple[float, bool]:
+        """(functional novelty, whether it is an upper bound) of the entry's probe outputs."""
+        from weightsmith.vet.functional import (
+            Distribution,
+            cached_probe,
+            functional_novelty,
+            members_to_compare,
+            probe_key,
+        )
+        from weightsmith.vet.weight_stats import example_stds, group_distances
+
+        cfg = self.config
+        assert isinstance(cfg, LmPerplexityConfig)
+        cache = self.cached(context)
+        k = context.k
+        if k > cfg.all_members and "stds" not in cache:
+            cache["stds"] = example_stds(context)
+        distances = group_distances(entry, context, cache.get("stds")) if k > cfg.all_members else np.zeros(k)
+        members, bound = members_to_compare(distances, cfg.all_members, cfg.nearest)
+        probe_ids = ids[: len(probe_log) + 1]
+
+        def member_probe(m: int) -> Distribution:
+            if ("probe", m) not in cache:
+                log_probs = cached_probe(
+                    probe_key(context, m, probe_ids, w), lambda: self._member_probe(context, m, probe_ids, w)
+                )
+                cache["probe", m] = Distribution.of(log_probs)
+            return cache["probe", m]
+
+        return functional_novelty(probe_log, context, members, member_probe), bound
+
+    def _member_probe(self, context: Context, m: int, probe_ids: list[int], w: int) -> np.ndarray:
+        """Probe log-softmax (probe, V) of member m: the original with m's replaced tensors put in.
+
+        The original is loaded once per context; every member replaces the same tensors, so the
+        next member's values simply overwrite the last one's.
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        assert isinstance(cfg, LmPerplexityConfig)
+        cache = self.cached(context)
+        if "member_model" not in cache:
+            model = AutoModelForCausalLM.from_pretrained(
+                context.original.folder, local_files_only=True, dtype=torch.float32, use_safetensors=True
+            )
+            cache["member_model"] = model.to(self.device).eval()
+        model = cache["member_model"]
+        state = model.state_dict()
+        replaced = {}
+        for name, values in context.example(m).items():
+            if name not in state:
+                raise WeightsmithError(str(context.original.folder), f"the model has no tensor {name!r}")
+            replaced[name] = torch.from_numpy(np.ascontiguousarray(values)).reshape(state[name].shape)
+        model.load_state_dict(replaced, strict=False)
+        _, probe_log = _forward(model, probe_ids, w, cfg.batch_size, self.device, len(probe_ids) - 1)
+        return probe_log
+
+
+def _forward(model, ids: list[int], w: int, batch_size: int, device: str, probe: int):
+    """(log-probability of each predicted token (tokens,), probe log-softmax (probe, V) or None).
+
+    Windows of w tokens overlapping by one (see the module's docstring); the probe is the first
+    `probe` predicted tokens, from the same windows.
+    """
+    import torch
+
+    seq = torch.tensor(ids, dtype=torch.long)  # (1 + tokens,): prefix, then the text
+    starts = list(range(0, len(ids) - 1, w - 1))
+    # full windows batch together; a shorter last one runs alone
+    full = [s for s in starts if s + w <= len(ids)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts if s + w > len(ids)]
+    logprob = np.zeros(len(ids) - 1)
+    probe_log = None
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.stack([seq[s : s + w] for s in batch]).to(device)  # (B, L)
+            logits = model(input_ids=x).logits.float()[:, :-1]  # (B, L - 1, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            true = logp.gather(-1, x[:, 1:, None])[..., 0].double().cpu().numpy()  # (B, L - 1)
+            for row, s in enumerate(batch):
+                logprob[s : s + true.shape[1]] = true[row]
+                if s < probe:
+                    if probe_log is None:
+                        probe_log = np.zeros((probe, logp.shape[-1]), dtype=np.float32)
+                    n = min(probe - s, logp.shape[1])
+                    probe_log[s : s + n] = logp[row, :n].cpu().numpy()
+    return logprob, probe_log
+
+
+def _token_bytes(context: Context, ids: list[int], n_bytes: int) -> np.ndarray:
+    """(tokens,) UTF-8 bytes of each token, summing to the text's bytes."""
+    tokenizer = load_tokenizer(context.original.folder, vocab_size(context.original.config()))
+    if tokenizer is None:
+        return np.ones(len(ids), dtype=np.float32)
+    lengths = {i: len(tokenizer.decode([i], clean_up_tokenization_spaces=False).encode("utf-8")) for i in set(ids)}
+    raw = np.array([lengths[i] for i in ids], dtype=np.float64)
+    return (raw * (n_bytes / raw.sum()) if raw.sum() > 0 else np.full(len(ids), n_bytes / len(ids))).astype(np.float32)
 
 
 def is_causal_lm(config: dict) -> bool:

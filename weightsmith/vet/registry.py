@@ -68,6 +68,8 @@ class Entry:
     params: Mapping[str, Any] = field(default_factory=dict)  # JSON-able generator config
     examples: Mapping[str, Any] | None = None  # per tensor (K, *shape): the generator's
     # training examples when they differ from the context's (novelty is measured to these)
+    fit: int = 0  # which fit of the label's generator made it (samples of one fit share it)
+    sha256: str | None = None  # the model's content hash (None: computed from the folder)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "folder", Path(self.folder))
@@ -87,6 +89,28 @@ class Entry:
             return np.asarray(self.tensors[name], dtype=np.float32)
         return _read_tensor(self.folder, name)
 
+    def fingerprint(self) -> str:
+        """`sha256`, else a sha256 of the folder's files (candidate.json's file hashes when present)
+        and of any given tensor values: what the score cache keys an entry by."""
+        if self.sha256:
+            return self.sha256
+        h = hashlib.sha256()
+        record = self.folder / "candidate.json"
+        if record.is_file():
+            h.update(json.dumps(json.loads(record.read_text()).get("files", {}), sort_keys=True).encode())
+        else:
+            for path in sorted(self.folder.glob("*")):
+                if path.suffix in (".json", ".safetensors", ".txt", ".model") and path.is_file():
+                    h.update(path.name.encode())
+                    with path.open("rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 24), b""):
+                            h.update(chunk)
+        for name in sorted(self.tensors or {}):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.tensors[name], dtype=np.float32).tobytes())
+        object.__setattr__(self, "sha256", h.hexdigest())
+        return self.sha256
+
     def config(self) -> dict:
         """The model's config.json."""
         path = self.folder / "config.json"
@@ -105,6 +129,8 @@ class Context:
     text_source: str = ""  # where the text came from (a path or URL), for the report
     examples: Mapping[str, Any] | None = None  # per tensor (K, *shape): the generators'
     # training examples; None means the original alone (K = 1)
+    examples_id: str | None = None  # names the examples for the score cache (e.g. the zoo's id
+    # and hash); None: their values are hashed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", tuple(self.tensors))
@@ -118,6 +144,31 @@ class Context:
     @property
     def text_sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def fingerprint(self) -> str:
+        """A sha256 of the original, the replaced tensors and the examples (not the text)."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached:
+            return cached
+        h = hashlib.sha256(json.dumps([self.original.fingerprint(), list(self.tensors)]).encode())
+        if self.examples_id is not None:
+            h.update(self.examples_id.encode())
+        elif self.examples is not None:
+            for name in self.tensors:
+                h.update(np.ascontiguousarray(np.asarray(self.examples[name]), dtype=np.float32).tobytes())
+        object.__setattr__(self, "_fingerprint", h.hexdigest())
+        return self.__dict__["_fingerprint"]
+
+    @property
+    def k(self) -> int:
+        """How many training examples there are (1: the original alone)."""
+        return 1 if self.examples is None else int(self.examples[self.tensors[0]].shape[0])
+
+    def example(self, k: int) -> dict[str, np.ndarray]:
+        """The k-th training example: every replaced tensor, float32."""
+        if self.examples is None:
+            return {n: self.original.tensor(n) for n in self.tensors}
+        return {n: np.asarray(self.examples[n][k], dtype=np.float32) for n in self.tensors}
 
     def examples_for(self, entry: Entry, name: str) -> Any:
         """The training examples (K, *shape) that `entry`'s novelty is measured to."""
@@ -135,6 +186,7 @@ class Scores:
 
     metrics: dict[str, float]  # entry-level numbers (NaN where undefined)
     per_tensor: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> numbers
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. per-token log-probabilities
 
 
 class EvaluatorConfig(BaseModel):

@@ -9,13 +9,20 @@ Every evaluator that applies to the model (or those named) scores every entry; t
 ranks them by one *primary* metric: that of the first evaluator in registry order
 (lm-perplexity: nll_per_byte, embedding-similarity: cosine, weight-stats: rel_l2). It says,
 per candidate sample, which baselines it beats (see `Verdict`) and where it lies against the
-baselines' quality-novelty frontier (see `frontier`). report.json holds numbers only (no
+baselines' quality-novelty frontier (see `frontier`).
+
+When lm-perplexity ran, the report also decides with statistics (`weightsmith.vet.statistics`):
+per label mean ± SE from a paired bootstrap over shared text blocks, the ensemble NLL, and per
+candidate label the "beyond" rule (`BEYOND`), summarised in report.json's top-level `summary`.
+The per-token log-probabilities behind them are written next to it (`logprobs.npy`, one row per
+entry in `token_logprobs.rows` order; `token_bytes.npy`). report.json holds numbers only (no
 arrays, no paths, no clock: `created` is whatever the caller passes), with sorted keys, so the
-same inputs give the same bytes.
+same inputs give the same bytes. A `ScoreCache` makes a re-run score nothing it has scored.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -27,10 +34,19 @@ import numpy as np
 from weightsmith.errors import WeightsmithError
 from weightsmith.store import Store
 from weightsmith.store.store import dumps
-from weightsmith.vet.registry import EVALUATORS, Context, Entry, for_model, get
+from weightsmith.vet import statistics as st
+from weightsmith.vet.cache import ScoreCache
+from weightsmith.vet.registry import EVALUATORS, Context, Entry, Scores, for_model, get
 
-FORMAT = 1  # layout of report.json
-NOVELTY = "weight-stats/novelty"  # the metric the frontier's novelty axis uses
+FORMAT = 2  # layout of report.json: 2 adds statistics, decisions and summary
+NOVELTY = "weight-stats/novelty"  # the metric the frontier's novelty axis uses (group novelty)
+FUNCTIONAL = "lm-perplexity/functional_novelty"
+NOVELTY_UNITS = (
+    "weight novelty: RMS distance from a sample (all its replaced tensors together) to the single "
+    "nearest training example, each tensor's difference in units of the pooled std of that tensor's "
+    "examples; functional novelty: mean Jensen-Shannon divergence (nats, at most ln 2) of next-token "
+    "distributions on the probe from the nearest example's"
+)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHORT = {"radius": "r", "components": "q"}  # parameter names in baseline labels
 FRONTIER = (
@@ -72,6 +88,7 @@ class Group:
     samples: int
     mean: float  # mean over the samples (NaN if any sample's value is not finite)
     best: float  # the best sample's value
+    se: float = math.nan  # paired-bootstrap SE of `mean` (NaN without per-token scores)
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,12 @@ class Report:
     points: list[Point]  # every entry with its novelty and quality
     histograms: list[Histogram]  # one per replaced tensor
     created: str | None = None  # whatever the caller passes (e.g. an ISO time); None by default
+    labels: list[st.LabelStats] = field(default_factory=list)  # statistics per label (lm-perplexity)
+    decisions: list[st.Decision] = field(default_factory=list)  # the beyond rule per candidate label
+    comparisons: list[dict] = field(default_factory=list)  # candidate, baseline, d, se
+    token_logprobs: dict[str, Any] = field(default_factory=dict)  # entry id -> (tokens,) float32
+    token_bytes: Any = None  # (tokens,) bytes per token
+    cache: dict[str, int] = field(default_factory=dict)  # score-cache hits and misses
     plot_files: list[str] = field(init=False)  # report-relative paths of the PNGs
 
     def __post_init__(self) -> None:
@@ -154,7 +177,90 @@ class Report:
                 "frontier": {"definition": FRONTIER, "points": [vars(p) for p in self.points]},
                 "histograms": [vars(h) for h in self.histograms],
                 "plots": self.plot_files,
+                "novelty_units": NOVELTY_UNITS,
+                "statistics": {
+                    "definition": st.BEYOND,
+                    "block_tokens": st.BLOCK_TOKENS,
+                    "replicates": st.REPLICATES,
+                    "seed": st.SEED,
+                    "ensemble_max": st.ENSEMBLE,
+                    "labels": [vars(x) for x in self.labels],
+                    "comparisons": self.comparisons,
+                    "decisions": [vars(d) for d in self.decisions],
+                },
+                "token_logprobs": {
+                    "file": "logprobs.npy",
+                    "bytes_file": "token_bytes.npy",
+                    "rows": list(self.token_logprobs),
+                }
+                if self.token_logprobs
+                else None,
+                "summary": self.summary(),
             }
+        )
+
+    def summary(self) -> dict:
+        """The machine-readable verdict of this report's group (report.json's `summary`).
+
+        best_candidate: the candidate label that is beyond with the largest margin / margin_se;
+        if none is beyond, the one with the best mean. None without statistics.
+        """
+        base = {
+            "primary": self.primary,
+            "text_bytes": self.text.get("scored_bytes", self.text.get("bytes")),
+            "novelty_units": NOVELTY_UNITS,
+        }
+        if not self.decisions:
+            return {
+                **base,
+                "best_candidate": None,
+                "verdict": None,
+                "beyond": None,
+                "margin": None,
+                "margin_se": None,
+                "bound_by": None,
+                "functional_beyond": None,
+                "samples": None,
+            }
+        stats = {x.label: x for x in self.labels}
+        beyond = [d for d in self.decisions if d.beyond]
+        if beyond:
+            best = max(beyond, key=lambda d: d.margin / d.margin_se if d.margin_se else math.inf)
+        else:
+            best = min(self.decisions, key=lambda d: _score_min(stats[d.label].mean))
+        s = stats[best.label]
+        return {
+            **base,
+            "best_candidate": best.label,
+            "verdict": best.verdict,
+            "beyond": best.beyond,
+            "margin": best.margin,
+            "margin_se": best.margin_se,
+            "bound_by": best.bound_by,
+            "functional_beyond": best.functional_beyond,
+            "functional_verdict": best.functional_verdict,
+            "mean": s.mean,
+            "se": s.se,
+            "novelty": s.novelty,
+            "functional_novelty": s.functional_novelty,
+            "functional_upper_bound": s.functional_bound,
+            "samples": s.samples,
+            "fits": s.fits,
+            "baseline_samples": {x.label: x.samples for x in self.labels if x.kind == "baseline"},
+            "candidates": {d.label: d.verdict for d in self.decisions},
+        }
+
+    def summary_line(self) -> str:
+        """One line from `summary`."""
+        s = self.summary()
+        if s["best_candidate"] is None:
+            return "no statistics (no per-token scores)"
+        margin = (
+            "" if s["margin"] is None else f", margin {s['margin']:+.2e} ± {s['margin_se']:.1e} over {s['bound_by']}"
+        )
+        return (
+            f"best {s['best_candidate']}: {s['verdict']}{margin}; functionally {s['functional_verdict']} "
+            f"({s['samples']} samples/label, {s['text_bytes']} bytes)"
         )
 
     def to_json(self) -> str:
@@ -196,20 +302,30 @@ class Report:
         ]
         if self.created is not None:
             lines.append(f"- created: {self.created}")
+        if self.decisions:
+            lines += ["", "## Summary", "", f"- {self.summary_line()}"]
+            lines += [f"- {decision_sentence(d)}" for d in self.decisions]
+            lines += ["", st.BEYOND, "", f"Units: {NOVELTY_UNITS}."]
         lines += ["", "## Verdicts", ""]
         lines += [f"- {v.sentence}" for v in self.verdicts] or ["No candidates were evaluated."]
         lines += [
             "",
             "## Candidates and baselines",
             "",
-            f"| label | kind | samples | mean {metric} | best {metric} | mean novelty |",
-            "|---|---|---|---|---|---|",
+            f"| label | kind | samples | mean {metric} ± SE | ensemble | best {metric} | mean novelty "
+            "| functional novelty |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         novelty = {p.id: p.novelty for p in self.points}
+        stats = {x.label: x for x in self.labels}
         for g in self.groups:
             mean_novelty = _mean([novelty[e.id] for e in self.entries if e.label == g.label])
+            x = stats.get(g.label)
+            ens = f"{_fmt(x.ensemble, 6)} (M={x.ensemble_members})" if x else "–"
+            fn = (_fmt(x.functional_novelty) + (" (≤)" if x.functional_bound else "")) if x else "–"
             lines.append(
-                f"| {g.label} | {g.kind} | {g.samples} | {_fmt(g.mean, 6)} | {_fmt(g.best, 6)} | {_fmt(mean_novelty)} |"
+                f"| {g.label} | {g.kind} | {g.samples} | {_fmt(g.mean, 6)} ± {_fmt(g.se, 2)} | {ens} "
+                f"| {_fmt(g.best, 6)} | {_fmt(mean_novelty)} | {fn} |"
             )
         lines += [
             "",
@@ -263,22 +379,37 @@ class Report:
         """The PNGs by report-relative path (the names in `plot_files`)."""
         from weightsmith.vet.plots import render
 
-        return render(self)
+        return render(self.to_dict())
 
     def write(self, store: Store, prefix: str) -> list[str]:
         """Write the plots, report.md and, last, report.json under `<prefix>/reports/<run-id>/`.
 
         Returns the keys written, report.json last: its presence means the report is complete.
+        When the store already holds this very report.json and every file beside it (a re-run
+        from cached scores), nothing is rewritten: the plots would be the same bytes.
         """
         base = "/".join(p for p in (prefix.strip("/"), "reports", self.run_id) if p)
+        report_json = self.to_json().encode("utf-8")
+        npy = ["logprobs.npy", "token_bytes.npy"] if self.token_logprobs else []
+        keys = [f"{base}/{p}" for p in (*self.plot_files, *npy, "report.md", "report.json")]
+        if store.exists(keys[-1]) and store.read_bytes(keys[-1]) == report_json and all(map(store.exists, keys)):
+            return keys
         written = []
         for path, png in self.plots().items():
             store.write_bytes(f"{base}/{path}", png)
             written.append(f"{base}/{path}")
-        for name, text in (("report.md", self.to_markdown()), ("report.json", self.to_json())):
-            store.write_bytes(f"{base}/{name}", text.encode("utf-8"))
-            written.append(f"{base}/{name}")
-        return written
+        if self.token_logprobs:
+            for name, array in (
+                ("logprobs.npy", np.stack([np.asarray(v, dtype=np.float32) for v in self.token_logprobs.values()])),
+                ("token_bytes.npy", np.asarray(self.token_bytes, dtype=np.float32)),
+            ):
+                buf = io.BytesIO()
+                np.save(buf, array)
+                store.write_bytes(f"{base}/{name}", buf.getvalue())
+                written.append(f"{base}/{name}")
+        store.write_bytes(f"{base}/report.md", self.to_markdown().encode("utf-8"))
+        store.write_bytes(f"{base}/report.json", report_json)
+        return [*written, f"{base}/report.md", f"{base}/report.json"]
 
 
 def vet(
@@ -293,6 +424,7 @@ def vet(
     created: str | None = None,
     bins: int = 64,
     progress: Callable[[str], None] | None = None,
+    cache: ScoreCache | None = None,
 ) -> Report:
     """Score the original and every entry with every evaluator, and report.
 
@@ -307,7 +439,9 @@ def vet(
         device: where models run ("cpu", "cuda", "cuda:1").
         created: written as is into the report (no clock is read here).
         bins: bins of the value histograms.
-        progress: called with "<evaluator> <entry id>" before each evaluation.
+        progress: called with "<evaluator> <entry id>" before each evaluation (not for a
+            score the cache had).
+        cache: where scores are looked up first and stored after (see ScoreCache).
     """
     if not _RUN_ID.fullmatch(run_id):
         raise WeightsmithError(f"run id {run_id!r}", "use letters, digits, '.', '_' and '-'")
@@ -335,14 +469,21 @@ def vet(
 
     metrics: dict[str, dict] = {i: {} for i in ids}
     per_tensor: dict[str, dict] = {i: {} for i in ids}
+    arrays: dict[str, dict] = {i: {} for i in ids}
     configs = {}
     for name in names:
         evaluator = get(name)(options.get(name), device=device)
         configs[name] = evaluator.config.model_dump(mode="json")
         for e in everything:
-            if progress is not None:
-                progress(f"{name} {e.id}")
-            scores = evaluator.evaluate(e, context)
+            key = cache.key(e, context, name, configs[name]) if cache is not None else None
+            scores: Scores | None = cache.get(key) if cache is not None else None
+            if scores is None:
+                if progress is not None:
+                    progress(f"{name} {e.id}")
+                scores = evaluator.evaluate(e, context)
+                if cache is not None:
+                    cache.put(key, scores)
+            arrays[e.id].update(scores.arrays)
             metrics[e.id][name] = {k: float(v) for k, v in scores.metrics.items()}
             if scores.per_tensor:
                 per_tensor[e.id][name] = scores.per_tensor
@@ -362,8 +503,14 @@ def vet(
     first = get(names[0])
     primary, better = f"{names[0]}/{first.primary}", first.metrics[first.primary]
     assert better in ("lower", "higher"), primary
-    groups = _groups(results, primary, better)
+    labels, decisions, comparisons = [], [], []
+    logprobs = {i: a["logprob"] for i, a in arrays.items() if "logprob" in a}
+    token_bytes = next((a["token_bytes"] for a in arrays.values() if "token_bytes" in a), None)
+    if primary == "lm-perplexity/nll_per_byte" and len(logprobs) == len(ids):
+        labels, decisions, comparisons = _statistics(everything, results, logprobs, token_bytes)
+    groups = _groups(results, primary, better, {x.label: x.se for x in labels})
     points = frontier(results, primary, better)
+    scored = round(float(np.sum(token_bytes, dtype=np.float64))) if token_bytes is not None else None
     return Report(
         run_id=run_id,
         model=model,
@@ -371,6 +518,7 @@ def vet(
             "source": context.text_source,
             "sha256": context.text_sha256,
             "bytes": len(context.text.encode("utf-8")),
+            **({"scored_bytes": scored} if scored is not None else {}),
         },
         tensors=list(context.tensors),
         evaluators=configs,
@@ -383,6 +531,60 @@ def vet(
         points=points,
         histograms=[_histogram(name, everything, bins) for name in context.tensors],
         created=created,
+        labels=labels,
+        decisions=decisions,
+        comparisons=comparisons,
+        token_logprobs=logprobs if labels else {},
+        token_bytes=token_bytes if labels else None,
+        cache={"hits": cache.hits, "misses": cache.misses} if cache is not None else {},
+    )
+
+
+def _statistics(entries: Sequence[Entry], results: Sequence[EntryResult], logprobs, token_bytes):
+    """(LabelStats per label, Decision per candidate label, comparisons) from per-token scores."""
+    order = list(dict.fromkeys((r.label, r.kind) for r in results))
+    by_label: dict[str, list[EntryResult]] = {}
+    for r in results:
+        by_label.setdefault(r.label, []).append(r)
+    fit_of = {e.id: e.fit for e in entries}
+    lp = {label: np.stack([logprobs[r.id] for r in rs]) for label, rs in by_label.items()}
+    labels, reps = st.label_stats(
+        order,
+        lp,
+        token_bytes,
+        novelty={label: [r.metric(NOVELTY) for r in rs] for label, rs in by_label.items()},
+        functional={label: [r.metric(FUNCTIONAL) for r in rs] for label, rs in by_label.items()},
+        bounds={
+            label: any(r.metric("lm-perplexity/functional_upper_bound") == 1.0 for r in rs)
+            for label, rs in by_label.items()
+        },
+        fits={label: [fit_of[r.id] for r in rs] for label, rs in by_label.items()},
+    )
+    diffs = st.differences(reps, labels)
+    baselines = [x for x in labels if x.kind == "baseline"]
+    decisions = [
+        st.decide(c, baselines, {b: v for (cl, b), v in diffs.items() if cl == c.label})
+        for c in labels
+        if c.kind == "candidate"
+    ]
+    comparisons = [{"candidate": c, "baseline": b, "d": d, "se": se} for (c, b), (d, se) in diffs.items()]
+    return labels, decisions, comparisons
+
+
+def decision_sentence(d: st.Decision) -> str:
+    """One line per candidate label: its verdict, margin and bound, by weight and by function."""
+    if d.verdict == "unbounded":
+        text = f"{d.label}: unbounded (no baseline is as novel)"
+    else:
+        text = (
+            f"{d.label}: {d.verdict} ({len(d.qualifying)} baselines as novel); margin "
+            f"{d.margin:+.2e} ± {d.margin_se:.1e} nats/byte, bound by {d.bound_by}"
+        )
+    if d.functional_verdict == "unbounded":
+        return text + "; functionally unbounded"
+    return text + (
+        f"; functionally {d.functional_verdict} (margin {d.functional_margin:+.2e} ± "
+        f"{d.functional_margin_se:.1e}, bound by {d.functional_bound_by})"
     )
 
 
@@ -437,7 +639,9 @@ def frontier(entries: Sequence[EntryResult], primary: str, better: str) -> list[
     return points
 
 
-def _groups(entries: Sequence[EntryResult], primary: str, better: str) -> list[Group]:
+def _groups(
+    entries: Sequence[EntryResult], primary: str, better: str, se: Mapping[str, float] | None = None
+) -> list[Group]:
     groups = []
     for label in dict.fromkeys(e.label for e in entries):
         members = [e for e in entries if e.label == label]
@@ -450,6 +654,7 @@ def _groups(entries: Sequence[EntryResult], primary: str, better: str) -> list[G
                 samples=len(members),
                 mean=_mean(values),
                 best=max(values, key=lambda v: _score(v, better)),
+                se=(se or {}).get(label, math.nan),
             )
         )
     return groups
@@ -542,6 +747,10 @@ def _score(value: float, better: str) -> float:
     if not math.isfinite(value):
         return -math.inf
     return -value if better == "lower" else value
+
+
+def _score_min(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
 
 
 def _finite(e: EntryResult, primary: str) -> bool:

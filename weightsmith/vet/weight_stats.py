@@ -13,7 +13,15 @@ training examples of that tensor (the original alone when there is no zoo):
 - typical_distance = the median over pairs j < k of ||x_j - x_k|| / (s sqrt(n)): how far
   apart the training examples themselves are (NaN for K = 1, and NaN novelty where s = 0).
 
-The entry-level numbers are the means over the replaced tensors (of the finite values).
+The entry-level numbers are the means over the replaced tensors (of the finite values), except
+`novelty`, which is over the whole group: with s_t the pooled std of tensor t's examples and N
+the replaced values in all,
+
+    novelty = min_k sqrt( sum_t ||c_t - x_{k,t}||^2 / s_t^2 / N ),
+
+the RMS distance, in per-tensor std units, from the sample (all its tensors together) to the
+single nearest example k (`nearest`, its index). A sample that takes tensor A from one example
+and B from another is not near any single one. Tensors whose examples have s = 0 are left out.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class WeightStats(Evaluator):
         "spectral_norm": None,
         "novelty": None,
         "typical_distance": None,
+        "nearest": None,
     }
     primary = "rel_l2"
 
@@ -65,6 +74,7 @@ class WeightStats(Evaluator):
     def evaluate(self, entry: Entry, context: Context) -> Scores:
         cache = self.cached(context)
         per_tensor = {}
+        group_sq, group_n = None, 0  # (K,) sum over tensors of squared distances in std units
         for name in context.tensors:
             if ("original", name) not in cache:
                 cache["original", name] = context.original.tensor(name)
@@ -80,13 +90,23 @@ class WeightStats(Evaluator):
             if key not in cache:
                 cache[key] = _example_stats(examples)
             std, typical = cache[key]
+            sq = _sq_distances(values, examples)
+            n = max(1, math.prod(values.shape))
+            if std > 0:
+                group_sq = sq / std**2 if group_sq is None else group_sq + sq / std**2
+                group_n += n
             per_tensor[name] = {
                 **_compare(values, original),
                 "spectral_norm": self._spectral_norm(values),
-                "novelty": _novelty(values, examples, std),
+                "novelty": float(np.sqrt(sq.min())) / (std * math.sqrt(n)) if std > 0 else math.nan,
                 "typical_distance": typical,
             }
-        metrics = {m: finite_mean([t[m] for t in per_tensor.values()]) for m in self.metrics}
+        metrics = {m: finite_mean([t[m] for t in per_tensor.values() if m in t]) for m in self.metrics}
+        if group_sq is None:
+            metrics["novelty"], metrics["nearest"] = math.nan, math.nan
+        else:
+            metrics["novelty"] = float(np.sqrt(group_sq.min() / group_n))
+            metrics["nearest"] = float(np.argmin(group_sq))
         return Scores(metrics=metrics, per_tensor=per_tensor)
 
     def _spectral_norm(self, values: np.ndarray) -> float:
@@ -160,20 +180,64 @@ def _example_stats(examples) -> tuple[float, float]:
     return std, float(np.median(pairs)) / (std * math.sqrt(stats.n / k))
 
 
-def _novelty(values: np.ndarray, examples, std: float) -> float:
-    """RMS distance to the nearest example, in units of the examples' pooled std."""
+def _sq_distances(values: np.ndarray, examples) -> np.ndarray:
+    """(K,) squared Euclidean distances of `values` to each example (K, *shape), float64."""
     k, shape = examples.shape[0], tuple(examples.shape[1:])
-    if std == 0.0:
-        return math.nan
     sq = np.zeros(k)  # (K,) squared distances to each example
     for idx in _row_blocks(shape, k):
         block = np.asarray(examples[(slice(None), *idx)], dtype=np.float64).reshape(k, -1)
         diff = block - np.asarray(values[idx], dtype=np.float64).reshape(1, -1)
         sq += (diff * diff).sum(axis=1)
-    return float(np.sqrt(sq.min())) / (std * math.sqrt(max(1, math.prod(shape))))
+    return sq
 
 
-def novelty(values: np.ndarray, examples) -> float:
-    """RMS distance of `values` to the nearest of `examples` (K, *shape), in the examples' std."""
-    std, _ = _example_stats(examples)
-    return _novelty(values, examples, std)
+def _novelty(values: np.ndarray, examples, std: float) -> float:
+    """RMS distance to the nearest example, in units of the examples' pooled std."""
+    if std == 0.0:
+        return math.nan
+    sq = _sq_distances(values, examples)
+    return float(np.sqrt(sq.min())) / (std * math.sqrt(max(1, math.prod(tuple(examples.shape[1:])))))
+
+
+def group_novelty(values: dict[str, np.ndarray], examples: dict, stds: dict[str, float] | None = None) -> float:
+    """The group novelty (see the module's docstring) of tensors `values` to `examples` (K, *shape).
+
+    stds: each tensor's pooled example std, when already known (see `example_stds`).
+    """
+    total, n_all = None, 0
+    for name, v in values.items():
+        std = stds[name] if stds is not None else _example_stats(examples[name])[0]
+        if std == 0.0:
+            continue
+        sq = _sq_distances(v, examples[name]) / std**2
+        total = sq if total is None else total + sq
+        n_all += max(1, v.size)
+    return math.nan if total is None else float(np.sqrt(total.min() / n_all))
+
+
+def example_stds(context: Context | None = None, examples: dict | None = None) -> dict[str, float]:
+    """Each replaced tensor's pooled std over its examples (the context's, or those given)."""
+    if examples is None:
+        assert context is not None
+        examples = {
+            n: (context.original.tensor(n)[None] if context.examples is None else context.examples[n])
+            for n in context.tensors
+        }
+    return {n: _example_stats(x)[0] for n, x in examples.items()}
+
+
+def group_distances(entry: Entry, context: Context, stds: dict[str, float] | None = None) -> np.ndarray:
+    """(K,) RMS distance of the entry's replaced tensors together to each of the context's examples."""
+    stds = stds if stds is not None else example_stds(context)
+    total, n_all = None, 0
+    for name in context.tensors:
+        values = context.original.tensor(name) if entry is context.original else entry.tensor(name)
+        examples = context.original.tensor(name)[None] if context.examples is None else context.examples[name]
+        if stds[name] == 0.0:
+            continue
+        sq = _sq_distances(values, examples) / stds[name] ** 2
+        total = sq if total is None else total + sq
+        n_all += max(1, values.size)
+    if total is None:
+        return np.zeros(context.k)
+    return np.sqrt(total / n_all)
