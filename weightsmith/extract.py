@@ -56,6 +56,10 @@ Progress = Callable[[int, str], None]  # (bytes just done, tensor name); called 
 # writes and images only within a tensor, and most tensors are one block; two units keep both
 # cores of a small machine busy. Each unit holds at most three row blocks in memory.
 UNIT_WORKERS = 2
+# From a remote source, each unit fetches its next tensors while it writes one: up to this many
+# at once, within this many bytes (the one being written included). Row blocks of bigger
+# tensors are fetched one block ahead, each block as several ranges (`weightsmith.ranged`).
+READ_AHEAD_TENSORS, READ_AHEAD_BYTES = 4, 64_000_000
 
 
 class ExtractOptions(BaseModel):
@@ -292,17 +296,22 @@ def extract_unit(
 
 def _read_ahead(source: Source, unit: WorkUnit, block_bytes: int) -> Iterator[tuple[str, np.ndarray | None]]:
     """(raw name, its bytes or None) for each raw tensor of the unit, in order. The bytes of
-    a remote tensor of at most `block_bytes` are fetched on a thread, one tensor ahead of the
-    caller; the others (local files, big tensors: read in row blocks) come as None."""
+    remote tensors of at most `block_bytes` are fetched ahead on threads, within
+    `READ_AHEAD_BYTES` a unit; the others (local files, big tensors: read in row blocks) come
+    as None."""
 
-    def reads() -> Iterator[tuple[str, np.ndarray | None]]:
-        for name in unit.raw:
-            e = source.tensors[name]
-            small = 0 < e.nbytes <= block_bytes and not source.readers[e.container].local
-            yield name, source.read_array(e.container, e.start, e.end) if small else None
+    def small(name: str) -> bool:
+        e = source.tensors[name]
+        return 0 < e.nbytes <= block_bytes and not source.readers[e.container].local
 
-    remote = any(not source.readers[source.tensors[n].container].local for n in unit.raw)
-    return overlap.prefetch(reads()) if remote and len(unit.raw) > 1 else reads()
+    def read(name: str) -> tuple[str, np.ndarray | None]:
+        e = source.tensors[name]
+        return name, source.read_array(e.container, e.start, e.end) if small(name) else None
+
+    if not any(small(n) for n in unit.raw):
+        return (read(n) for n in unit.raw)
+    ahead = max(block_bytes, READ_AHEAD_BYTES)
+    return overlap.map_ahead(read, unit.raw, lambda n: source.tensors[n].nbytes * small(n), ahead, READ_AHEAD_TENSORS)
 
 
 def _existing(model: ModelRef, key: str, want: dict, options: ExtractOptions) -> dict | None:
