@@ -318,3 +318,35 @@ def test_a_short_or_failed_range_is_fetched_again(
     again = extract(url, ExtractOptions(store=str(tmp_path / "store"), images="none"))
     clean = extract(str(path), ExtractOptions(store=str(tmp_path / "clean"), images="none"))
     assert again.revision == clean.revision and again.status == "created"
+
+
+def test_a_publish_that_failed_half_way_finishes_on_its_retry(
+    http_server: RangeHTTPServer, served: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The move from the staging folder stops at a tensor it cannot move; the retry (a task
+    retry) moves the rest into the same revision and publishes."""
+    from weightsmith import extract as lib
+    from weightsmith.store import encode_key
+
+    path, url = served
+    revision = extract(str(path), ExtractOptions(store=str(tmp_path / "local"), images="all")).revision
+    options = ExtractOptions(store=str(tmp_path / "store"), images="all")
+    source, the_plan = lib.prepare(url, options)
+    assert the_plan.staged and the_plan.checksum_units == ()
+    staging = lib.staging_ref(source, options, "run1")
+    for unit in the_plan.units:
+        lib.extract_unit(source, staging, unit, options)
+    obstacle = tmp_path / "store" / "models" / "org" / revision / "tensors" / f"{encode_key('layer.5.weight')}.zarr"
+    obstacle.parent.mkdir(parents=True)
+    obstacle.write_bytes(b"not an array")  # a file where the array goes: the move fails there
+    with pytest.raises(OSError):
+        lib.publish_staged(source, staging, the_plan, options, None, "run1")
+    assert not (tmp_path / "store" / "models" / "org" / revision / "manifest.json").exists()
+    obstacle.unlink()
+    done = lib.publish_staged(source, staging, the_plan, options, None, "run1")
+    assert (done.model.revision, done.status) == (revision, "created")
+    assert [p.name for p in (tmp_path / "store" / "models" / "org").iterdir()] == [revision]
+    assert verify(done.model.url).ok
+    out = tmp_path / "out.safetensors"
+    restore(done.model.url, str(out))
+    assert out.read_bytes() == path.read_bytes()

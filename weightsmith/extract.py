@@ -691,39 +691,55 @@ def publish_staged(
     """Name the revision of a staged run, move its artifacts there, publish, drop the staging.
 
     The revision comes from the staged records' source checksums (and `checksums`, of the
-    tensors not selected). Under the model's lease, each tensor goes where `with_generation`
-    says; one already there with the same record and artifacts (the same bytes: an earlier run)
-    is kept and the staged copy dropped. The manifest is written last, as by `extract`.
+    tensors not selected); it is written into the staging folder before anything moves, so a
+    retry of this call (a task retry after a failed move) finishes the same move. Under the
+    model's lease, each tensor goes where `with_generation` says; one already there with the
+    same record and artifacts (the same bytes: an earlier run) is kept and the staged copy
+    dropped. The manifest is written last, as by `extract`.
     """
-    records = stored_records(source, staging, the_plan.units)
-    sums = dict(checksums or {}) | {r["name"]: r["sha256"] for r in records if r["role"] != "gptq-weight"}
-    model = model_ref(source, options, sums)
+    store = staging.store
+    named = staging.key("revision.json")
+    if store.exists(named):  # an earlier try of this call named it and began moving
+        model = ModelRef(store, staging.slug, store.read_json(named)["revision"])
+    else:
+        records = stored_records(source, staging, the_plan.units)
+        sums = dict(checksums or {}) | {r["name"]: r["sha256"] for r in records if r["role"] != "gptq-weight"}
+        model = model_ref(source, options, sums)
+        store.write_json(named, {"revision": model.revision})
     with lease.acquire(model, run_id, options.wait_s) as held:
         options = with_generation(model, options, run_id)
         files = write_files(model, source)
-        moved = [_adopt(staging, model, r, options) for r in records]
+        moved = [_adopt(staging, model, n, options) for n in _record_names(source, the_plan.units)]
         kept = sum(k for _, k in moved)
         records = [m for m, _ in moved]
         manifest = build_manifest(model, source, options, files, records)
         held.check()
         status = publish(model, manifest, options.force)
-    staging.store.delete(staging.prefix)
+    store.delete(staging.prefix)
     return Published(model, status, records, options, kept)
 
 
-def _adopt(staging: ModelRef, model: ModelRef, record: dict, options: ExtractOptions) -> tuple[dict, bool]:
+def _adopt(staging: ModelRef, model: ModelRef, name: str, options: ExtractOptions) -> tuple[dict, bool]:
     """Move one staged tensor's artifacts into `model`: (its record there, whether it was kept)."""
-    name, store, generation = record["name"], model.store, options.generation
+    store, generation = model.store, options.generation
     key = model.tensor_key(name, generation)
+    staged = staging.tensor_key(name)
+    record = arrays.read_record(store, staged)
+    if record is None:  # moved by an earlier try of this run
+        there = arrays.read_record(store, key)
+        if there is None:
+            raise WeightsmithError(staging.url, f"tensor {name!r} is neither staged nor in {model.url}")
+        return there, False
     same = _existing(model, key, {k: v for k, v in record.items() if k not in ("stats", "artifacts")}, options)
     if same is not None:
         return same, True
     where = {"zarr": key, "tiff": model.tiff_key(name, generation), "png": model.png_key(name, generation)}
     moved = {**record, "artifacts": {k: where.get(k, v) for k, v in record["artifacts"].items()}}
-    for kind in ("tiff", "png"):  # images first: the array's record, which names them, comes last
-        if kind in record["artifacts"]:
-            _move(store, record["artifacts"][kind], where[kind])
-    staged = record["artifacts"]["zarr"]
+    for kind, src in (("tiff", staging.tiff_key(name)), ("png", staging.png_key(name))):
+        # Images first: the array's record, which names them, comes last. One gone from the
+        # staging folder was moved by an earlier try.
+        if kind in record["artifacts"] and store.exists(src):
+            _move(store, src, where[kind])
     # The record in the staged array names its new keys before the array moves, so the array
     # arrives finished with the right record or (on S3, zarr.json copied last) not finished.
     meta = json.loads(store.read_bytes(f"{staged}/zarr.json"))
@@ -757,15 +773,20 @@ def stored_records(
 ) -> list[dict]:
     """The records of every planned tensor, read back from the store (the store is the truth)."""
     records = []
+    for n in _record_names(source, units):
+        record = arrays.read_record(model.store, model.tensor_key(n, generation))
+        if record is None:
+            raise WeightsmithError(model.url, f"tensor {n!r} is not complete in the store")
+        records.append(record)
+    return records
+
+
+def _record_names(source: Source, units: tuple[WorkUnit, ...]) -> Iterator[str]:
+    """The names of the records of the planned tensors, in manifest order (GPTQ components first)."""
     for unit in units:
         for name in unit.names:
             group = _groups(source).get(name)
-            for n in (*group.components, name) if group else (name,):
-                record = arrays.read_record(model.store, model.tensor_key(n, generation))
-                if record is None:
-                    raise WeightsmithError(model.url, f"tensor {n!r} is not complete in the store")
-                records.append(record)
-    return records
+            yield from (*group.components, name) if group else (name,)
 
 
 def os_error_reason(e: OSError, store: Store) -> str:
