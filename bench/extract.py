@@ -157,16 +157,19 @@ TARGET_REMOTE = 0.9  # extraction (images none) at least this fraction of our re
 
 
 def _child_get(spec: dict) -> None:
-    """One whole-object GET: boto3 for S3, urllib for HTTP, the body read in 8 MB pieces."""
+    """One whole-object GET: boto3 for S3, urllib for HTTP, the body read in 8 MB pieces.
+
+    Every method makes its S3 client within its time (s3fs and runai-model-streamer do, in the
+    call): loading botocore's S3 model costs about 0.5 CPU s here.
+    """
     rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
     got = 0
     if spec["url"].startswith("s3://"):
         import boto3
 
         bucket, key = spec["url"][5:].split("/", 1)
-        client = boto3.client("s3")
-        started = time.perf_counter()
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        started = time.perf_counter()  # the client is made in the time, as s3fs's is by the others
+        body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
     else:
         import urllib.request
 
@@ -218,6 +221,9 @@ def _child_extract(spec: dict) -> None:
 
 
 def _child_runai(spec: dict) -> None:
+    import os
+
+    os.environ.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")  # path-style, as s3fs here
     from runai_model_streamer import SafetensorsStreamer
 
     rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
