@@ -2,7 +2,9 @@
 
 Resume comes from the store: a unit whose tensors are complete and match their checksums is
 skipped by the library, so re-running after a crash recomputes only what is missing, and the
-manifest of a resumed run is identical to an uninterrupted one.
+manifest of a resumed run is identical to an uninterrupted one. A remote source without a known
+revision is read once into the run's staging folder instead (`weightsmith.extract`): a re-run
+reads it again and finds the same revision.
 """
 
 from __future__ import annotations

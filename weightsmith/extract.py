@@ -69,7 +69,7 @@ class ExtractOptions(BaseModel):
 
     store: str  # store URL: a folder, file:// or s3://bucket/prefix
     name: str | None = None  # model slug; default: HF id, else the source's parent folder name
-    revision: str | None = None  # default: HF commit, else a hash of headers and tensor checksums
+    revision: str | None = None  # default: HF commit, else a hash of headers and tensor checksums (module doc)
     include: tuple[str, ...] = ()  # glob patterns over tensor names; empty: everything
     exclude: tuple[str, ...] = ()  # glob patterns over tensor names to leave out
     images: Literal["all", "preview", "none"] = "all"  # TIFF + PNG, PNG only, or neither
