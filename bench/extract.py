@@ -19,6 +19,14 @@ the exit status is 0 whether the targets pass or not.
 
 --codec times ours with other TIFF and Zarr codecs (module attributes set in the child),
 --profile runs ours under cProfile at the smallest size and prints where the time goes.
+
+--s3 replaces the comparison above with extraction from a remote source at the smallest size:
+it starts SeaweedFS (loopback), uploads the model and, in interleaved rounds, each method in a
+fresh child (imports excluded) reads it over S3 (s3fs) and over HTTP (the filer's ranged GETs,
+fsspec's HTTP client): one whole-object GET, our ranged reader alone (every tensor, in blocks,
+on `UNIT_WORKERS` threads: what extraction reads), extraction with `--images none` and `all`
+(no revision: the content revision comes from the one read), and runai-model-streamer where
+it is installed. Target: extraction with `--images none` at least 0.9x our reader alone.
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ def child(spec: dict) -> None:
         _child_ours(spec)
     elif spec["method"] == "naive":
         _child_naive(spec)
+    elif spec["method"] in REMOTE_CHILDREN:
+        REMOTE_CHILDREN[spec["method"]](spec)
     else:
         raise SystemExit(f"unknown method {spec['method']!r}")
 
@@ -139,6 +149,191 @@ def _child_naive(spec: dict) -> None:
         view = np.ascontiguousarray(array.astype(np.float32, copy=False).reshape(rows, cols))
         Image.fromarray(view).save(f"{base}.tiff")  # mode "F": 32-bit float, uncompressed
     c.report_child(time.perf_counter() - started, rss_start, cpu_start, tensors=len(tensors))
+
+
+# ---------------------------------------------------------------------------------------------
+# --s3: remote sources (children)
+TARGET_REMOTE = 0.9  # extraction (images none) at least this fraction of our reader's MB/s
+
+
+def _child_get(spec: dict) -> None:
+    """One whole-object GET: boto3 for S3, urllib for HTTP, the body read in 8 MB pieces.
+
+    Every method makes its S3 client within its time (s3fs and runai-model-streamer do, in the
+    call): loading botocore's S3 model costs about 0.5 CPU s here.
+    """
+    rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
+    got = 0
+    if spec["url"].startswith("s3://"):
+        import boto3
+
+        bucket, key = spec["url"][5:].split("/", 1)
+        started = time.perf_counter()  # the client is made in the time, as s3fs's is by the others
+        body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
+    else:
+        import urllib.request
+
+        started = time.perf_counter()
+        body = urllib.request.urlopen(spec["url"])
+    while chunk := body.read(8 << 20):
+        got += len(chunk)
+    c.report_child(time.perf_counter() - started, rss_start, cpu_start, bytes_read=got)
+
+
+def _child_reader(spec: dict) -> None:
+    """Our ranged reader alone: every tensor, big ones in blocks, on the extraction's threads."""
+    from weightsmith import overlap
+    from weightsmith.extract import UNIT_WORKERS, ExtractOptions
+    from weightsmith.sources import open_source
+
+    block = ExtractOptions(store=".").block_bytes
+    rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
+    started = time.perf_counter()
+    source = open_source(spec["url"])
+    ranges = [
+        (e.container, s, min(e.end, s + block)) for e in source.tensors.values() for s in range(e.start, e.end, block)
+    ]
+
+    def read(r: tuple[int, int, int]) -> int:
+        data = source.read_array(*r)
+        source.recycle(data)
+        return data.size
+
+    got = sum(overlap.map_in_order(read, ranges, UNIT_WORKERS))
+    c.report_child(time.perf_counter() - started, rss_start, cpu_start, bytes_read=source.bytes_read, tensor_bytes=got)
+
+
+def _child_extract(spec: dict) -> None:
+    from weightsmith.extract import ExtractOptions, extract
+
+    options = ExtractOptions(store=spec["store"], images=spec["images"])
+    rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
+    started = time.perf_counter()
+    result = extract(spec["url"], options)
+    c.report_child(
+        time.perf_counter() - started,
+        rss_start,
+        cpu_start,
+        bytes_read=result.bytes_read,
+        revision=result.revision,
+        tensors=result.tensors,
+    )
+
+
+def _child_runai(spec: dict) -> None:
+    import os
+
+    os.environ.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")  # path-style, as s3fs here
+    from runai_model_streamer import SafetensorsStreamer
+
+    rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
+    started = time.perf_counter()
+    got = 0
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(spec["url"])
+        for _, tensor in streamer.get_tensors():
+            got += tensor.numel() * tensor.element_size()
+    c.report_child(time.perf_counter() - started, rss_start, cpu_start, tensor_bytes=got)
+
+
+REMOTE_CHILDREN = {"get": _child_get, "reader": _child_reader, "extract": _child_extract, "runai": _child_runai}
+
+
+def runai_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("runai_model_streamer") is not None
+
+
+def remote_bench(src: Path, work: Path, repeat: int) -> dict:
+    """Start SeaweedFS, upload `src`, time every remote method in interleaved rounds (fastest kept)."""
+    import os
+
+    from weightsmith.dev.seaweed import start_s3_server
+
+    c.remove(work)
+    work.mkdir(parents=True)
+    print("starting SeaweedFS ...", flush=True)
+    server = start_s3_server(work / "seaweedfs")
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())  # the children inherit the endpoint and keys
+    try:
+        client = server.client()
+        client.create_bucket(Bucket="bench")
+        started = time.perf_counter()
+        client.upload_file(str(src), "bench", "gpt2/model.safetensors")
+        upload_s = time.perf_counter() - started
+        urls = {
+            "s3": "s3://bench/gpt2/model.safetensors",
+            # The filer serves the bucket's objects over plain HTTP with ranges (no signature).
+            "http": f"http://127.0.0.1:{server.ports.filer}/buckets/bench/gpt2/model.safetensors",
+        }
+        methods = [("get", {}), ("reader", {}), ("extract", {"images": "none"}), ("extract", {"images": "all"})]
+        if runai_installed():
+            methods.append(("runai", {}))
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for _ in range(repeat):
+            for proto, url in urls.items():
+                for method, extra in methods:
+                    if method == "runai" and proto != "s3":
+                        continue
+                    label = method + (f" images={extra['images']}" if extra else "")
+                    store = work / "store"
+                    c.remove(store)
+                    c.settle()
+                    spec = {"method": method, "url": url, "store": str(store), **extra}
+                    runs.setdefault((proto, label), []).append(c.run_child(SCRIPT, spec))
+            c.remove(work / "store")
+        return {
+            "source_bytes": src.stat().st_size,
+            "upload_seconds": upload_s,
+            "runai": runai_installed(),
+            "rows": {f"{p}: {m}": _best(rs) for (p, m), rs in runs.items()},
+        }
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def remote_table(res: dict) -> tuple[str, list[tuple[str, bool, str]]]:
+    size = res["source_bytes"]
+    rows, checks = [], []
+    for proto in ("s3", "http"):
+        reader = res["rows"].get(f"{proto}: reader")
+        for key, r in res["rows"].items():
+            if not key.startswith(f"{proto}: "):
+                continue
+            mbs = size / c.MB / r["seconds"]
+            ratio = r["seconds"] and reader["seconds"] / r["seconds"]
+            read = r.get("bytes_read")
+            rows.append(
+                [
+                    key,
+                    f"{r['seconds']:.2f}",
+                    f"{mbs:,.0f}",
+                    c.fmt_ratio(ratio),
+                    f"{r['cpu_seconds']:.1f}",
+                    c.fmt_mb(r["rss_bytes"]),
+                    "" if read is None else f"{read / size:.3f}",
+                ]
+            )
+        ours = res["rows"].get(f"{proto}: extract images=none")
+        if reader and ours:
+            ratio = reader["seconds"] / ours["seconds"]
+            checks.append(
+                (
+                    f"{proto}: extraction (images none) >= {TARGET_REMOTE:g}x our reader alone",
+                    ratio >= TARGET_REMOTE,
+                    f"{ratio:.2f}x ({size / c.MB / ours['seconds']:,.0f} vs "
+                    f"{size / c.MB / reader['seconds']:,.0f} MB/s)",
+                )
+            )
+    headers = ["method", "seconds", "MB/s", "x reader", "CPU s", "peak RSS MB", "bytes read / size"]
+    return c.table(headers, rows), checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +702,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the main comparison (to run only --codec and/or --profile)",
     )
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="instead of the comparison above: extraction from SeaweedFS over S3 and HTTP at the smallest size",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -527,7 +727,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: dict = {"machine": machine, "disk": disk, "repeat": args.repeat, "sizes": {}}
     started = time.perf_counter()
-    for mult in [] if args.no_main else sorted(set(args.layers_mult)):
+    if args.s3:
+        mult = min(args.layers_mult)
+        src = build_model(out, mult)
+        load_before = c.load()
+        res = remote_bench(src, out / "runs" / f"s3-x{mult}", args.repeat)
+        res["load"] = [load_before, c.load()]
+        results["remote"] = res
+        text, checks = remote_table(res)
+        print(
+            f"== {mult}x from SeaweedFS on loopback ({res['source_bytes'] / c.MB:,.0f} MB, uploaded in "
+            f"{res['upload_seconds']:.1f}s); runai-model-streamer "
+            f"{'installed' if res['runai'] else 'not installed: no row'}"
+        )
+        print(f"before: {load_before}; after: {res['load'][1]}")
+        print(text + "\n")
+        print("== targets")
+        results["targets"] = [{"target": t, "pass": ok, "detail": d} for t, ok, d in checks]
+        for target, ok, detail in checks:
+            print(f"{'PASS' if ok else 'FAIL'}  {target}: {detail}")
+        print()
+    for mult in [] if args.no_main or args.s3 else sorted(set(args.layers_mult)):
         layers, width, heads, vocab, context = GPT2_SMALL
         est = 4 * model_params(layers * mult, width, heads, vocab, context)
         weights = out / "models" / f"gpt2-small-x{mult}" / "model.safetensors"

@@ -106,6 +106,35 @@ def publish(
     return {"status": status, "manifest": model.key("manifest.json"), "tensors": len(records)}
 
 
+@task(name="stage-model", **_POLICY)
+def stage(source_url: str, options: lib.ExtractOptions, run_id: str, credentials: str | None = None) -> str:
+    """The staging folder (a model URL) a remote source without a known revision is extracted into."""
+    use_credentials(credentials)
+    return lib.staging_ref(_source(source_url), options, run_id).url
+
+
+@task(name="publish-staged", **_POLICY)
+def publish_staged(
+    source_url: str,
+    staging_url: str,
+    the_plan: lib.ExtractPlan,
+    options: lib.ExtractOptions,
+    checksums: dict[str, str] | None,
+    facts: dict,
+    credentials: str | None = None,
+) -> dict:
+    """Name the revision from the staged records, move them there (under its lease), manifest last."""
+    use_credentials(credentials)
+    source = _source(source_url)
+    done = lib.publish_staged(source, parse_model_url(staging_url), the_plan, options, checksums, facts["run_id"])
+    lib.write_run(
+        done.model,
+        facts["run_id"],
+        {**facts, "finished": time.time(), "outcome": done.status, "tensors": len(done.records)},
+    )
+    return {"status": done.status, "model_url": done.model.url, "tensors": len(done.records)}
+
+
 @task(name="record-run", **_POLICY)
 def record_run(model_url: str, facts: dict, credentials: str | None = None) -> None:
     """Run facts of a failed run (times, host, error): runs/<run-id>.json."""

@@ -731,3 +731,40 @@ def test_no_matching_tensor_writes_nothing(fixtures_dir: Path, tmp_path: Path) -
     with pytest.raises(WeightsmithError, match="no tensor matches"):
         extract(str(fixtures_dir / MINICPM), ExtractOptions(store=str(store), include=("nope*",)))
     assert not store.exists()
+
+
+def test_map_ahead_keeps_order_and_its_byte_budget() -> None:
+    """Remote read-ahead: results in order, several computed at once, never more bytes started
+    and not yet given back than the budget; an error comes out in its turn."""
+    import threading
+
+    from weightsmith.overlap import map_ahead
+
+    sizes = [30, 10, 10, 10, 50, 5, 5, 5, 40, 20]
+    lock, live, peak, most = threading.Lock(), [0], [0], [0]
+    running = [0]
+
+    def fn(i: int) -> int:
+        with lock:
+            live[0] += sizes[i]
+            peak[0] = max(peak[0], live[0])
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        if i == 99:
+            raise ValueError("bad item")
+        return i
+
+    got = []
+    for i in map_ahead(fn, range(len(sizes)), lambda i: sizes[i], budget=60, workers=4):
+        got.append(i)
+        time.sleep(0.01)
+        with lock:
+            live[0] -= sizes[i]
+    assert got == list(range(len(sizes)))
+    assert peak[0] <= 60 and most[0] >= 2  # bounded, and reads did overlap
+    sizes.extend([0] * 100)
+    with pytest.raises(ValueError, match="bad item"):
+        list(map_ahead(fn, [0, 1, 99, 2], lambda i: sizes[i], budget=60, workers=2))

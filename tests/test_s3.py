@@ -12,6 +12,7 @@ import pytest
 import s3fs
 from safetensors.numpy import save_file
 
+from weightsmith import ranged
 from weightsmith.dev.seaweed import S3Server
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import parse_model_url
@@ -242,3 +243,46 @@ def test_include_extracts_only_the_selected_tensor_bytes(big_model: tuple[Path, 
     entry = source.tensors["layer.2.weight"]
     # Headers (parse, files/, ...) and the one tensor: far less than the 8 MB file.
     assert entry.nbytes <= result.bytes_read <= entry.nbytes + 4 * header_size(local)
+
+
+# ---------------------------------------------------------------------------------------------
+# one read per byte, ranges in flight
+
+
+def test_concurrent_ranges_give_the_bytes_of_one_get(
+    big_model: tuple[Path, str], s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local, url = big_model
+    monkeypatch.setattr(ranged, "RANGE_BYTES", 1 << 20)
+    fs = CountingS3(**s3_options(), skip_instance_cache=True)
+    reader = open_reader(url, fs=fs)
+    whole = s3_env.client().get_object(Bucket=s3_bucket, Key="big/model.safetensors")["Body"].read()
+    assert reader.read_array(0, reader.size).tobytes() == whole == local.read_bytes()
+    assert len(fs.gets) == -(-reader.size // (1 << 20))  # one GET per range, none twice
+    assert sum(n for _, n in fs.gets) == reader.bytes_read == reader.size
+    entry = open_source(url).tensors["layer.4.weight"]
+    assert reader.read(entry.start, entry.end) == whole[entry.start : entry.end]
+
+
+@pytest.mark.parametrize("revision", [None, "r1"])
+def test_extraction_into_s3_reads_each_byte_once(
+    big_model: tuple[Path, str], s3_env: S3Server, s3_bucket: str, tmp_path: Path, revision: str | None
+) -> None:
+    """S3 to S3, with and without --revision: the header on open, then each byte once. A re-run
+    keeps the revision; a forced one publishes a new generation; no staging folder is left."""
+    local, url = big_model
+    store = f"s3://{s3_bucket}/once-{revision}"
+    opened = header_size(local)
+    first = extract(url, ExtractOptions(store=store, revision=revision, images="preview"))
+    assert first.bytes_read == opened + local.stat().st_size
+    if revision is None:
+        assert first.revision == extract(str(local), ExtractOptions(store=str(tmp_path / "local"))).revision
+    again = extract(url, ExtractOptions(store=store, revision=revision, images="preview"))
+    assert (again.revision, again.status, again.written) == (first.revision, "unchanged", 0)
+    forced = extract(url, ExtractOptions(store=store, revision=revision, images="preview", force=True))
+    assert (forced.revision, forced.status, forced.written) == (first.revision, "replaced", 9)
+    manifest = parse_model_url(forced.model_url).manifest()
+    assert manifest["generation"] == forced.run_id
+    assert verify(forced.model_url).ok
+    folders = {k.split("/")[3] for k in keys(s3_env, s3_bucket, f"once-{revision}/models/")}
+    assert folders == {first.revision}  # no staging folder left behind

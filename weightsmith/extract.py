@@ -9,6 +9,17 @@ The stages, each usable on its own (the Prefect flow maps over them):
 4. `extract_unit` writes each tensor's artifacts and, last, its record; tensors whose record
    matches the source checksum and whose artifacts exist are skipped (resume).
 5. `publish` writes `manifest.json` with a conditional write: the model is complete.
+
+The content revision (no --revision, no HF commit) is the first 16 hex digits of the sha256 of
+every container's header bytes, then each raw tensor's name and the sha256 of its source bytes,
+in file order: the same bytes give the same revision, wherever they are read from. A local
+file is hashed first (step 3) and extracted into its revision's folder (a killed run resumes
+there). A remote file (S3, HTTP) is read once: its tensors are extracted into a staging folder
+of the run, `models/<slug>/.staging-<run-id>/`, hashed as they stream by, and `publish_staged`
+then names the revision, moves the artifacts into `models/<slug>/<revision>/` (or the forced
+run's generation) under that folder's lease, writes the manifest last and drops the staging
+folder. Tensors left out by --include/--exclude are hashed only. A killed remote run leaves its
+staging folder to `gc` and the next run reads the source again.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import contextlib
 import errno
 import fnmatch
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -44,6 +56,10 @@ Progress = Callable[[int, str], None]  # (bytes just done, tensor name); called 
 # writes and images only within a tensor, and most tensors are one block; two units keep both
 # cores of a small machine busy. Each unit holds at most three row blocks in memory.
 UNIT_WORKERS = 2
+# From a remote source, each unit fetches its next tensors while it writes one: up to this many
+# at once, within this many bytes (the one being written included). Row blocks of bigger
+# tensors are fetched one block ahead, each block as several ranges (`weightsmith.ranged`).
+READ_AHEAD_TENSORS, READ_AHEAD_BYTES = 4, 64_000_000
 
 
 class ExtractOptions(BaseModel):
@@ -53,7 +69,7 @@ class ExtractOptions(BaseModel):
 
     store: str  # store URL: a folder, file:// or s3://bucket/prefix
     name: str | None = None  # model slug; default: HF id, else the source's parent folder name
-    revision: str | None = None  # default: HF commit, else a hash of headers and tensor checksums
+    revision: str | None = None  # default: HF commit, else a hash of headers and tensor checksums (module doc)
     include: tuple[str, ...] = ()  # glob patterns over tensor names; empty: everything
     exclude: tuple[str, ...] = ()  # glob patterns over tensor names to leave out
     images: Literal["all", "preview", "none"] = "all"  # TIFF + PNG, PNG only, or neither
@@ -119,12 +135,16 @@ def plan(source: Source, options: ExtractOptions) -> list[WorkUnit]:
     ]
     if not names and (options.include or options.exclude):
         raise WeightsmithError(source.url, "no tensor matches the include/exclude patterns")
+    return _pack(source, names, options.unit_bytes)
+
+
+def _pack(source: Source, names: list[str], unit_bytes: int) -> list[WorkUnit]:
     units: list[WorkUnit] = []
     batch: list[str] = []
     batch_bytes = 0
     for name in names:
         size = _source_bytes(source, name)
-        if batch and batch_bytes + size > options.unit_bytes:
+        if batch and batch_bytes + size > unit_bytes:
             units.append(_unit(source, len(units), batch, batch_bytes))
             batch, batch_bytes = [], 0
         batch.append(name)
@@ -175,15 +195,18 @@ def _source_sha256(source: Source, entry: TensorEntry, block_bytes: int) -> str:
     return h.hexdigest()
 
 
+def model_slug(source: Source, options: ExtractOptions) -> str:
+    """--name, else the HF id, else the source's parent folder name."""
+    if options.name:
+        return slugify(options.name)
+    if source.hf_id:
+        return slugify(source.hf_id)
+    return slugify(os.path.basename(source.root.rstrip("/")) or "model")
+
+
 def model_ref(source: Source, options: ExtractOptions, checksums: dict[str, str] | None) -> ModelRef:
     """Where the model goes: slug from --name / HF id / parent folder; revision likewise."""
-    if options.name:
-        slug = slugify(options.name)
-    elif source.hf_id:
-        slug = slugify(source.hf_id)
-    else:
-        root = source.root.rstrip("/")
-        slug = slugify(os.path.basename(root) or "model")
+    slug = model_slug(source, options)
     revision = options.revision or source.hf_revision
     if revision:
         revision = slugify(revision)
@@ -201,7 +224,7 @@ def model_ref(source: Source, options: ExtractOptions, checksums: dict[str, str]
 
 def header_bytes(source: Source, container: int) -> bytes:
     c = source.containers[container]
-    return b"".join(source.read(container, s.start, s.end) for s in c.segments if s.tensor is None)
+    return b"".join(source.opaque(container, s.start, s.end) for s in c.segments if s.tensor is None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +243,7 @@ def write_files(model: ModelRef, source: Source) -> dict[str, dict]:
         for s in c.segments:
             if s.tensor is None:
                 suffix = "header" if s.start == 0 else f"bytes-{s.start}"
-                put(f"{c.name}.{suffix}", source.read(i, s.start, s.end))
+                put(f"{c.name}.{suffix}", source.opaque(i, s.start, s.end))
         if c.format == "gguf":
             put(f"{c.name}.metadata.json", dumps(c.metadata))
     for name, data in source.sidecars.items():
@@ -247,24 +270,48 @@ def extract_unit(
     the same before and after the tensor was read. A fingerprint that already differs before
     (the file changed since, or the pass ran on another machine) means hashing the tensor as
     usual; one that changes while the tensor is read is the same error.
+
+    From a remote source, the next tensors of at most `block_bytes` are fetched while this one
+    is hashed, compressed and written (one GET after another would leave the link idle).
     """
     done: list[tuple[dict, bool]] = []
-    for name in unit.names:
-        group = _groups(source).get(name)
-        if group is None:
-            done.append(
-                _extract_raw(source, model, source.tensors[name], options, expected, "tensor", progress, fingerprints)
-            )
-            continue
-        parts = [
-            _extract_raw(
-                source, model, source.tensors[raw], options, expected, "gptq-component", progress, fingerprints
-            )
-            for raw in group.components
-        ]
-        done += parts
-        done.append(_extract_gptq(source, model, group, options, [r for r, _ in parts]))
+    with contextlib.closing(_read_ahead(source, unit, options.block_bytes)) as ahead:
+
+        def raw(name: str, role: str) -> tuple[dict, bool]:
+            entry = source.tensors[name]
+            got, pre = next(ahead)
+            assert got == name, (got, name)  # unit.raw is in the order the tensors are extracted
+            return _extract_raw(source, model, entry, options, expected, role, progress, fingerprints, pre)
+
+        for name in unit.names:
+            group = _groups(source).get(name)
+            if group is None:
+                done.append(raw(name, "tensor"))
+                continue
+            parts = [raw(c, "gptq-component") for c in group.components]
+            done += parts
+            done.append(_extract_gptq(source, model, group, options, [r for r, _ in parts]))
     return UnitResult(records=[r for r, _ in done], written=sum(w for _, w in done))
+
+
+def _read_ahead(source: Source, unit: WorkUnit, block_bytes: int) -> Iterator[tuple[str, np.ndarray | None]]:
+    """(raw name, its bytes or None) for each raw tensor of the unit, in order. The bytes of
+    remote tensors of at most `block_bytes` are fetched ahead on threads, within
+    `READ_AHEAD_BYTES` a unit; the others (local files, big tensors: read in row blocks) come
+    as None."""
+
+    def small(name: str) -> bool:
+        e = source.tensors[name]
+        return 0 < e.nbytes <= block_bytes and not source.readers[e.container].local
+
+    def read(name: str) -> tuple[str, np.ndarray | None]:
+        e = source.tensors[name]
+        return name, source.read_array(e.container, e.start, e.end) if small(name) else None
+
+    if not any(small(n) for n in unit.raw):
+        return (read(n) for n in unit.raw)
+    ahead = max(block_bytes, READ_AHEAD_BYTES)
+    return overlap.map_ahead(read, unit.raw, lambda n: source.tensors[n].nbytes * small(n), ahead, READ_AHEAD_TENSORS)
 
 
 def _existing(model: ModelRef, key: str, want: dict, options: ExtractOptions) -> dict | None:
@@ -283,7 +330,8 @@ def _existing(model: ModelRef, key: str, want: dict, options: ExtractOptions) ->
     return record
 
 
-def _extract_raw(source, model, entry: TensorEntry, options, expected, role, progress, fingerprints) -> dict:
+def _extract_raw(source, model, entry: TensorEntry, options, expected, role, progress, fingerprints, pre=None) -> dict:
+    """One raw tensor; `pre`: its source bytes, already fetched (else they are read here)."""
     container = source.containers[entry.container]
     key = model.tensor_key(entry.name, options.generation)
     base = {
@@ -299,8 +347,14 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
     done = _existing(model, key, {**base, "sha256": want_sha}, options)
     if done is not None:
         if want_sha is None:  # revision given, no checksum pass: hash the source range now
-            want_sha = _source_sha256(source, entry, options.block_bytes)
+            want_sha = (
+                hashlib.sha256(pre).hexdigest()
+                if pre is not None
+                else _source_sha256(source, entry, options.block_bytes)
+            )
         if done["sha256"] == want_sha:
+            if pre is not None:
+                source.recycle(pre)
             if progress:
                 progress(entry.nbytes, entry.name)
             return done, False
@@ -315,7 +369,7 @@ def _extract_raw(source, model, entry: TensorEntry, options, expected, role, pro
     h = hashlib.sha256() if before is None else None
 
     def blocks() -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:  # on the prefetch thread, if any
-        for r0, r1, raw in _row_blocks(source, entry, options.block_bytes, array.chunks[0] if array.ndim else 1):
+        for r0, r1, raw in _row_blocks(source, entry, options.block_bytes, array.chunks[0] if array.ndim else 1, pre):
             if h is not None:
                 h.update(raw)
             stored = raw.view(storage_dtype).reshape((r1 - r0, *storage_shape[1:]))
@@ -372,13 +426,14 @@ def _storage_layout(entry: TensorEntry) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _row_blocks(
-    source: Source, entry: TensorEntry, block_bytes: int, chunk: int
+    source: Source, entry: TensorEntry, block_bytes: int, chunk: int, pre: np.ndarray | None = None
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(first row, end row, bytes) blocks along dim 0 of the stored array, chunk-aligned."""
+    """(first row, end row, bytes) blocks along dim 0 of the stored array, chunk-aligned;
+    `pre`, the tensor's bytes already fetched, is one block."""
     shape, _ = _storage_layout(entry)
-    if len(shape) < 2 or shape[0] == 0 or entry.nbytes == 0:
+    if pre is not None or len(shape) < 2 or shape[0] == 0 or entry.nbytes == 0:
         rows = shape[0] if shape else 1
-        yield 0, rows, source.read_array(entry.container, entry.start, entry.end)
+        yield 0, rows, pre if pre is not None else source.read_array(entry.container, entry.start, entry.end)
         return
     row_bytes = entry.nbytes // shape[0]
     rows_per = max(1, block_bytes // max(1, row_bytes))
@@ -572,11 +627,16 @@ class ExtractPlan:
 
     source_url: str
     units: tuple[WorkUnit, ...]  # the selected tensors
-    checksum_units: tuple[WorkUnit, ...]  # every tensor, when the revision needs checksums; else ()
+    # Tensors to hash before (local) or beside (staged) the extraction when the revision needs
+    # checksums: every tensor of a local source, those not selected of a staged one; else ().
+    checksum_units: tuple[WorkUnit, ...]
     total_bytes: int  # source bytes the run will read (checksum pass included)
     # Per container, `Source.fingerprints()` taken before the checksum pass (None: no pass). Passed
     # to `extract_unit`, they spare hashing a local file a second time while it stays unchanged.
     fingerprints: tuple | None = None
+    # A remote source without a known revision: extract into a staging folder, hashing on the
+    # way, and name the revision at the end (`staging_ref`, `publish_staged`): one read per byte.
+    staged: bool = False
 
 
 def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPlan]:
@@ -589,10 +649,123 @@ def prepare(source_url: str, options: ExtractOptions) -> tuple[Source, ExtractPl
     store.check_writable()
     check_free_space(store, estimate_extract_bytes(source, units, options.images))
     known = options.revision or source.hf_revision
-    checksum_units = () if known else tuple(plan(source, options.model_copy(update={"include": (), "exclude": ()})))
+    staged = not known and not all(r.local for r in source.readers)
+    if known:
+        checksum_units: tuple[WorkUnit, ...] = ()
+    elif staged:  # the selected tensors are hashed as they are extracted; the rest only hashed
+        selected = {n for u in units for n in u.names}
+        rest = [n for n in logical_names(source) if n not in selected]
+        checksum_units = tuple(_pack(source, rest, options.unit_bytes)) if rest else ()
+    else:
+        checksum_units = tuple(plan(source, options.model_copy(update={"include": (), "exclude": ()})))
     total = sum(u.nbytes for u in units) + sum(u.nbytes for u in checksum_units)
-    fingerprints = tuple(source.fingerprints()) if checksum_units else None  # before any byte is hashed
-    return source, ExtractPlan(source_url, tuple(units), checksum_units, total, fingerprints)
+    fingerprints = tuple(source.fingerprints()) if checksum_units and not staged else None  # before any hashing
+    return source, ExtractPlan(source_url, tuple(units), checksum_units, total, fingerprints, staged)
+
+
+STAGING = ".staging-"  # a revision folder no slugified revision can be (a leading '.' is escaped)
+
+
+def staging_ref(source: Source, options: ExtractOptions, run_id: str) -> ModelRef:
+    """The folder a staged run writes its tensors into before the revision is known."""
+    return ModelRef(Store(options.store), model_slug(source, options), STAGING + run_id)
+
+
+@dataclass(frozen=True)
+class Published:
+    model: ModelRef  # where the model is now
+    status: str  # "created" | "unchanged" | "replaced"
+    records: list[dict]  # the manifest's records, in file order
+    options: ExtractOptions  # with the generation the artifacts went to
+    kept: int  # tensors already there with the same bytes (the staged copies were dropped)
+
+
+def publish_staged(
+    source: Source,
+    staging: ModelRef,
+    the_plan: ExtractPlan,
+    options: ExtractOptions,
+    checksums: dict[str, str] | None,
+    run_id: str,
+) -> Published:
+    """Name the revision of a staged run, move its artifacts there, publish, drop the staging.
+
+    The revision comes from the staged records' source checksums (and `checksums`, of the
+    tensors not selected); it is written into the staging folder before anything moves, so a
+    retry of this call (a task retry after a failed move) finishes the same move. Under the
+    model's lease, each tensor goes where `with_generation` says; one already there with the
+    same record and artifacts (the same bytes: an earlier run) is kept and the staged copy
+    dropped. The manifest is written last, as by `extract`.
+    """
+    store = staging.store
+    named = staging.key("revision.json")
+    if store.exists(named):  # an earlier try of this call named it and began moving
+        model = ModelRef(store, staging.slug, store.read_json(named)["revision"])
+    else:
+        records = stored_records(source, staging, the_plan.units)
+        sums = dict(checksums or {}) | {r["name"]: r["sha256"] for r in records if r["role"] != "gptq-weight"}
+        model = model_ref(source, options, sums)
+        store.write_json(named, {"revision": model.revision})
+    with lease.acquire(model, run_id, options.wait_s) as held:
+        options = with_generation(model, options, run_id)
+        files = write_files(model, source)
+        moved = [_adopt(staging, model, n, options) for n in _record_names(source, the_plan.units)]
+        kept = sum(k for _, k in moved)
+        records = [m for m, _ in moved]
+        manifest = build_manifest(model, source, options, files, records)
+        held.check()
+        status = publish(model, manifest, options.force)
+    store.delete(staging.prefix)
+    return Published(model, status, records, options, kept)
+
+
+def _adopt(staging: ModelRef, model: ModelRef, name: str, options: ExtractOptions) -> tuple[dict, bool]:
+    """Move one staged tensor's artifacts into `model`: (its record there, whether it was kept)."""
+    store, generation = model.store, options.generation
+    key = model.tensor_key(name, generation)
+    staged = staging.tensor_key(name)
+    record = arrays.read_record(store, staged)
+    if record is None:  # moved by an earlier try of this run
+        there = arrays.read_record(store, key)
+        if there is None:
+            raise WeightsmithError(staging.url, f"tensor {name!r} is neither staged nor in {model.url}")
+        return there, False
+    same = _existing(model, key, {k: v for k, v in record.items() if k not in ("stats", "artifacts")}, options)
+    if same is not None:
+        return same, True
+    where = {"zarr": key, "tiff": model.tiff_key(name, generation), "png": model.png_key(name, generation)}
+    moved = {**record, "artifacts": {k: where.get(k, v) for k, v in record["artifacts"].items()}}
+    for kind, src in (("tiff", staging.tiff_key(name)), ("png", staging.png_key(name))):
+        # Images first: the array's record, which names them, comes last. One gone from the
+        # staging folder was moved by an earlier try.
+        if kind in record["artifacts"] and store.exists(src):
+            _move(store, src, where[kind])
+    # The record in the staged array names its new keys before the array moves, so the array
+    # arrives finished with the right record or (on S3, zarr.json copied last) not finished.
+    meta = json.loads(store.read_bytes(f"{staged}/zarr.json"))
+    meta["attributes"][arrays.RECORD] = moved
+    store.write_bytes(f"{staged}/zarr.json", json.dumps(meta, allow_nan=True).encode())
+    _move(store, staged, key, tree=True)
+    return moved, False
+
+
+def _move(store: Store, src: str, dst: str, tree: bool = False) -> None:
+    """Move an object (or a folder of objects: `tree`) to `dst`, replacing what is there.
+
+    A rename on a local store; on S3 server-side copies (a folder's `zarr.json` last), then
+    the deletion of the originals.
+    """
+    if tree and any(k.startswith(f"{dst}/") for k in store.list(dst)):
+        store.delete(dst)  # an unfinished or unmatched array of an earlier run: rewritten, as by `arrays.create`
+    if store.protocol == "file":
+        os.makedirs(os.path.dirname(store.path(dst)), exist_ok=True)
+        os.replace(store.path(src), store.path(dst))
+        return
+    keys = store.list(src) if tree else [src]
+    keys.sort(key=lambda k: k == f"{src}/zarr.json")
+    for k in keys:
+        store.fs.copy(store.path(k), store.path(dst + k[len(src) :]))
+    store.delete(src)
 
 
 def stored_records(
@@ -600,15 +773,20 @@ def stored_records(
 ) -> list[dict]:
     """The records of every planned tensor, read back from the store (the store is the truth)."""
     records = []
+    for n in _record_names(source, units):
+        record = arrays.read_record(model.store, model.tensor_key(n, generation))
+        if record is None:
+            raise WeightsmithError(model.url, f"tensor {n!r} is not complete in the store")
+        records.append(record)
+    return records
+
+
+def _record_names(source: Source, units: tuple[WorkUnit, ...]) -> Iterator[str]:
+    """The names of the records of the planned tensors, in manifest order (GPTQ components first)."""
     for unit in units:
         for name in unit.names:
             group = _groups(source).get(name)
-            for n in (*group.components, name) if group else (name,):
-                record = arrays.read_record(model.store, model.tensor_key(n, generation))
-                if record is None:
-                    raise WeightsmithError(model.url, f"tensor {n!r} is not complete in the store")
-                records.append(record)
-    return records
+            yield from (*group.components, name) if group else (name,)
 
 
 def os_error_reason(e: OSError, store: Store) -> str:
@@ -660,6 +838,8 @@ def extract(
     source, the_plan = prepare(source_url, options)
     if total:
         total(the_plan.total_bytes)
+    if the_plan.staged:
+        return _extract_staged(source, the_plan, options, progress)
     checksums: dict[str, str] | None = None
     fingerprints = the_plan.fingerprints
     if the_plan.checksum_units:
@@ -692,15 +872,7 @@ def extract(
             held.check()
             status = publish(model, manifest, options.force)
     except BaseException as e:
-        error = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
-        try:
-            write_run(model, run_id, {**facts, "finished": time.time(), "outcome": "failed", "error": error})
-        except OSError:
-            pass  # the store refuses writes (disk full, read-only): the error below says so
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | ConnectionError | TimeoutError):
-            # Disk full, file-size limit, read-only file system: a user problem with the store.
-            reason = os_error_reason(e, model.store)
-            raise WeightsmithError(model.store.url, f"cannot write ({reason}); finished tensors are kept") from None
+        _failed(model, run_id, facts, e)
         raise
     write_run(
         model,
@@ -716,5 +888,65 @@ def extract(
         skipped=len(records) - written,
         bytes_read=source.bytes_read,
         status=status,
+        run_id=run_id,
+    )
+
+
+def _failed(model: ModelRef, run_id: str, facts: dict, e: BaseException) -> None:
+    """Record a failed run in the model's runs/; a store that refuses writes is a one-line error."""
+    error = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+    try:
+        write_run(model, run_id, {**facts, "finished": time.time(), "outcome": "failed", "error": error})
+    except OSError:
+        pass  # the store refuses writes (disk full, read-only): the error below says so
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | ConnectionError | TimeoutError):
+        # Disk full, file-size limit, read-only file system: a user problem with the store.
+        reason = os_error_reason(e, model.store)
+        raise WeightsmithError(model.store.url, f"cannot write ({reason}); finished tensors are kept") from None
+
+
+def _extract_staged(
+    source: Source, the_plan: ExtractPlan, options: ExtractOptions, progress: Progress | None
+) -> ExtractResult:
+    """`extract` of a remote source without a known revision: every byte read once (module doc)."""
+    run_id = new_run_id()
+    staging = staging_ref(source, options, run_id)
+    facts = run_facts(run_id, "extract", options, source.url)
+    checksums: dict[str, str] = {}
+    # Tensors only hashed (left out by --include/--exclude) and tensors extracted share the workers.
+    work = [(False, u) for u in the_plan.checksum_units] + [(True, u) for u in the_plan.units]
+    work.sort(key=lambda w: (-w[1].nbytes, not w[0], w[1].index))
+
+    def one(item: tuple[bool, WorkUnit]) -> UnitResult | dict[str, str]:
+        extracted, unit = item
+        if extracted:
+            return extract_unit(source, staging, unit, options.model_copy(update={"generation": None}), None, progress)
+        return checksum_unit(source, unit, options.block_bytes)
+
+    try:
+        for (extracted, unit), out in zip(work, overlap.map_in_order(one, work, UNIT_WORKERS), strict=True):
+            if not extracted:
+                checksums.update(out)
+                if progress:
+                    progress(unit.nbytes, "checksums")
+        done = publish_staged(source, staging, the_plan, options, checksums, run_id)
+    except BaseException as e:
+        _failed(staging, run_id, facts, e)  # gc collects the staging folder of a failed run
+        raise
+    tensors = len(done.records)
+    write_run(
+        done.model,
+        run_id,
+        {**facts, "finished": time.time(), "outcome": done.status, "tensors": tensors, "bytes_read": source.bytes_read},
+    )
+    return ExtractResult(
+        model_url=done.model.url,
+        slug=done.model.slug,
+        revision=done.model.revision,
+        tensors=tensors,
+        written=tensors - done.kept,
+        skipped=done.kept,
+        bytes_read=source.bytes_read,
+        status=done.status,
         run_id=run_id,
     )

@@ -134,3 +134,38 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
         finally:
             for future in pending:
                 future.cancel()
+
+
+def map_ahead(
+    fn: Callable[[T], R], items: Iterable[T], size: Callable[[T], int], budget: int, workers: int
+) -> Iterator[R]:
+    """Yield fn(item) for each item, in order, computing later items ahead on `workers` threads.
+
+    Items are started while the sizes of those started and not yet given back stay within
+    `budget` (the item the consumer holds counts until it asks for the next; one item always
+    starts, whatever its size): several GETs in flight, a bounded amount of memory. An error of
+    a call is raised in its turn; closing the iterator early cancels what has not started and
+    waits for the rest.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightsmith-ahead") as pool:
+        pending: collections.deque[tuple[Future, int]] = collections.deque()
+        it = iter(items)
+        upcoming = next(it, _DONE)
+        held = 0
+        try:
+            while True:
+                while upcoming is not _DONE and (not pending or held + size(upcoming) <= budget):
+                    n = size(upcoming)
+                    pending.append((pool.submit(fn, upcoming), n))
+                    held += n
+                    upcoming = next(it, _DONE)
+                if not pending:
+                    return
+                future, n = pending[0]
+                result = future.result()
+                pending.popleft()
+                yield result
+                held -= n  # the consumer is done with it
+        finally:
+            for future, _ in pending:
+                future.cancel()

@@ -46,6 +46,9 @@ def test_flow_writes_what_the_library_writes(s3_server, s3_bucket, fixtures_dir,
     lib = extract(source, ExtractOptions(store=f"s3://{s3_bucket}/lib"))
     assert _manifest_bytes(flow_url) == _manifest_bytes(lib.model_url)
     assert _contents(flow_url) == _contents(lib.model_url)
+    # A remote source without --revision goes through the run's staging folder, removed after.
+    model = parse_model_url(flow_url)
+    assert {k.split("/")[2] for k in model.store.list(f"models/{model.slug}")} == {model.revision}
 
     # Artifacts of the run: tensor table, summary with presigned preview links, progress.
     from prefect.logging.handlers import APILogWorker

@@ -122,7 +122,7 @@ def test_resume_after_a_crash_and_zoo_json_last(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "fixture", ["gptq/falcon3_1b_int4.safetensors", "gguf/derived_multiquant_real_blocks.gguf"], ids=["gptq", "gguf"]
+    "fixture", ["gptq/llama_3_2_1b_int4.safetensors", "gguf/derived_multiquant_real_blocks.gguf"], ids=["gptq", "gguf"]
 )
 def test_quantised_members_join_dequantised(tmp_path: Path, fixtures_dir: Path, fixture: str) -> None:
     store = str(tmp_path / "store")

@@ -59,9 +59,18 @@ class Source:
     hf_revision: str | None = None
     _pool: list[np.ndarray] = field(default_factory=list, repr=False)  # read buffers to reuse
     _pool_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _opaque: dict[tuple[int, int, int], bytes] = field(default_factory=dict, repr=False)  # see `opaque`
 
     def read(self, container: int, start: int, end: int) -> bytes:
         return self.readers[container].read(start, end)
+
+    def opaque(self, container: int, start: int, end: int) -> bytes:
+        """The bytes of a non-tensor segment (a header), fetched once: the content revision and
+        files/ both need them, and a remote source should cross the network once per byte."""
+        key = (container, start, end)
+        if key not in self._opaque:
+            self._opaque[key] = self.read(container, start, end)
+        return self._opaque[key]
 
     def read_array(self, container: int, start: int, end: int) -> np.ndarray:
         """Tensor bytes as a uint8 array, in memory given back by `recycle` where some fits.
@@ -74,7 +83,7 @@ class Source:
                 fits = [i for i, b in enumerate(self._pool) if b.size >= end - start]
                 if fits:
                     buffer = self._pool.pop(min(fits, key=lambda i: self._pool[i].size))[: end - start]
-            if buffer is None and self.readers[container].local:
+            if buffer is None:
                 buffer = np.empty(max(end - start, POOL_BUFFER_BYTES), np.uint8)[: end - start]
         return self.readers[container].read_array(start, end, buffer)
 
