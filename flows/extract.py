@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from weightsmith import lease, state
+from weightsmith import lease
 from weightsmith.extract import ExtractOptions, biggest_first, new_run_id, run_facts, with_generation
 from weightsmith.model import parse_model_url
 from weightsmith_flows.artifacts import publish_model_artifacts
@@ -48,7 +48,7 @@ def extract_model(
     log = get_run_logger()
     bucket_url = use_credentials(credentials)
     options = ExtractOptions(
-        store=store or bucket_url or state.default_store(),
+        store=store or bucket_url,
         name=name,
         revision=revision,
         include=tuple(include or ()),

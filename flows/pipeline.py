@@ -11,7 +11,6 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from weightsmith import state
 from weightsmith.pipeline import PipelineOptions, Run, check, predictions_plan, run_id_for, zoo_facts
 from weightsmith_flows.artifacts import _key
 from weightsmith_flows.extract import extract_model
@@ -45,7 +44,7 @@ def weightsmith_pipeline(
     log = get_run_logger()
     bucket_url = use_credentials(credentials)
     options = PipelineOptions(
-        store=store or bucket_url or state.default_store(),
+        store=store or bucket_url,
         name=name,
         revision=revision,
         stages=tuple(stages or ("extract", "weight-stats")),

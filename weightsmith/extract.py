@@ -48,6 +48,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.model import MANIFEST, MANIFEST_FORMAT, ModelRef, slugify
 from weightsmith.sources import Source, open_source
 from weightsmith.sources.base import GptqGroup, TensorEntry
+from weightsmith.state import StoreUrl
 from weightsmith.store import Store, arrays, encode_key
 from weightsmith.store.store import dumps
 
@@ -67,7 +68,9 @@ class ExtractOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    store: str  # store URL: a folder, file:// or s3://bucket/prefix
+    store: StoreUrl = Field(
+        None, validate_default=True
+    )  # store URL (None: the default store): a folder, file:// or s3://bucket/prefix
     name: str | None = None  # model slug; default: HF id, else the source's parent folder name
     revision: str | None = None  # default: HF commit, else a hash of headers and tensor checksums (module doc)
     include: tuple[str, ...] = ()  # glob patterns over tensor names; empty: everything

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.model import ModelRef, parse_model_url
+from weightsmith.state import StoreUrl
 from weightsmith.vetting import Run  # re-exported: the flow builds Runs
 
 STAGES = ("extract", "predict", "weight-stats", "lm-eval")
@@ -37,7 +38,7 @@ class PipelineOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    store: str  # store URL
+    store: StoreUrl = Field(None, validate_default=True)  # store URL (None: the default store)
     name: str | None = None  # model slug (default as in extract)
     revision: str | None = None  # model revision (default as in extract)
     stages: tuple[str, ...] = ("extract", "weight-stats")  # see STAGES; predict and lm-eval opt-in

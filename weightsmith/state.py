@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator
 
 
 def home() -> Path:
@@ -17,6 +20,10 @@ def home() -> Path:
 def default_store() -> str:
     """$WEIGHTSMITH_STORE (e.g. s3://weightsmith/lake on the dev stack), else the local store."""
     return os.environ.get("WEIGHTSMITH_STORE") or str(home() / "store")
+
+
+StoreUrl = Annotated[str, BeforeValidator(lambda v: v or default_store())]
+"""An options field holding a store URL: empty or None means the default store (declared once, here)."""
 
 
 def tmp_dir() -> str:

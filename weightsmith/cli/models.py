@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from weightsmith import state
 from weightsmith.cli.common import (
     JsonOpt,
     StoreOpt,
@@ -65,7 +64,7 @@ def extract(
 
     options = build_options(
         ExtractOptions,
-        store=store or state.default_store(),
+        store=store,
         name=name,
         revision=revision,
         include=tuple(include or ()),

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from weightsmith import state
 from weightsmith.cli.common import (
     StoreOpt,
     build_options,
@@ -128,7 +127,7 @@ def run(
 
     options = build_options(
         PipelineOptions,
-        store=store or state.default_store(),
+        store=store,
         name=name,
         stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
         layers=tuple(tuple(g.strip() for g in group.split(",") if g.strip()) for group in layer or ()),
