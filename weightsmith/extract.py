@@ -68,9 +68,8 @@ class ExtractOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    store: StoreUrl = Field(
-        None, validate_default=True
-    )  # store URL (None: the default store): a folder, file:// or s3://bucket/prefix
+    # store URL: a folder, file:// or s3://bucket/prefix; None: the default store
+    store: StoreUrl = Field(None, validate_default=True)
     name: str | None = None  # model slug; default: HF id, else the source's parent folder name
     revision: str | None = None  # default: HF commit, else a hash of headers and tensor checksums (module doc)
     include: tuple[str, ...] = ()  # glob patterns over tensor names; empty: everything
