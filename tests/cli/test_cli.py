@@ -294,7 +294,9 @@ def test_demo_tiny_runs_every_stage_end_to_end(home: Path, tmp_path: Path) -> No
             "permute",
             "average(k=2)",
             "coord-gaussian",
-            "pca-gaussian",
+            "pca-gaussian(scale=1)",
+            "zoo-member",
+            "latest",
         } <= labels
         assert any(label.startswith("noise(") for label in labels)
         assert data["verdicts"] and all(v["sentence"] for v in data["verdicts"])
