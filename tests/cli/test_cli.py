@@ -300,8 +300,11 @@ def test_demo_tiny_runs_every_stage_end_to_end(home: Path, tmp_path: Path) -> No
         } <= labels
         assert any(label.startswith("noise(") for label in labels)
         assert data["verdicts"] and all(v["sentence"] for v in data["verdicts"])
+        assert data["summary"]["best_candidate"] in {"zoo-diffusion", "tile-diffusion"}
         md = model.store.read_bytes(report[0].replace("report.json", "report.md")).decode()
         assert "plots/frontier.png" in md
+    for group in ("group 0: best ", "group 1: best "):  # one summary line per group
+        assert group in run.stderr, run.stderr[-2000:]
     assert "verdicts:" in run.stderr
     assert not (tmp_path / ".weightsmith").exists()
 
