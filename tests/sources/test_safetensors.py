@@ -49,7 +49,6 @@ def tensor(dtype: str, shape: list, offsets: list) -> dict:
 # ---------------------------------------------------------------------------------------------
 # malformed headers
 
-DUPLICATE = b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
 # id -> (file bytes, fragment of the message, does the reference library reject it too?)
 MALFORMED: dict[str, tuple[bytes, str, bool]] = {
     "unknown-dtype": (
@@ -62,7 +61,11 @@ MALFORMED: dict[str, tuple[bytes, str, bool]] = {
         "overlaps the previous tensor",
         True,
     ),
-    "duplicate-names": (safetensors_bytes(DUPLICATE, b"\0"), "duplicate key 'w'", False),
+    "duplicate-field": (
+        safetensors_bytes(b'{"w":{"dtype":"U8","dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"\0"),
+        "duplicate field 'dtype'",
+        True,
+    ),
     "non-string-metadata": (
         safetensors_bytes({"__metadata__": {"bits": 4}, "w": tensor("U8", [1], [0, 1])}, b"\0"),
         "__metadata__ must map strings to strings",
@@ -98,10 +101,10 @@ MALFORMED: dict[str, tuple[bytes, str, bool]] = {
         "truncated",
         True,
     ),
-    "extra-entry-key": (
-        safetensors_bytes({"w": {**tensor("U8", [1], [0, 1]), "x": 1}}, b"\0"),
-        "exactly dtype, shape, data_offsets",
-        False,
+    "missing-entry-key": (
+        safetensors_bytes({"w": {"dtype": "U8", "shape": [1]}}, b"\0"),
+        "must have dtype, shape and data_offsets",
+        True,
     ),
     "reversed-offsets": (
         safetensors_bytes({"w": tensor("U8", [0], [1, 0])}, b"\0"),
