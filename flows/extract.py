@@ -18,6 +18,7 @@ from prefect.futures import as_completed
 from weightsmith import lease
 from weightsmith.extract import ExtractOptions, biggest_first, new_run_id, run_facts, with_generation
 from weightsmith.model import parse_model_url
+from weightsmith.options import from_parameters
 from weightsmith_flows.artifacts import publish_model_artifacts
 from weightsmith_flows.runners import make_runner
 from weightsmith_tasks import extract as t
@@ -47,17 +48,7 @@ def extract_model(
     started = time.time()
     log = get_run_logger()
     bucket_url = use_credentials(credentials)
-    options = ExtractOptions(
-        store=store or bucket_url,
-        name=name,
-        revision=revision,
-        include=tuple(include or ()),
-        exclude=tuple(exclude or ()),
-        images=images,
-        force=force,
-        wait_s=wait_s,
-        unit_bytes=unit_bytes,
-    )
+    options = from_parameters(ExtractOptions, locals(), store=store or bucket_url)
     the_plan = t.prepare(source, options, credentials)
     log.info("%d work units, %d source bytes to read", len(the_plan.units), the_plan.total_bytes)
     run_id = new_run_id()

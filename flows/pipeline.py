@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from weightsmith.options import from_parameters
 from weightsmith.pipeline import PipelineOptions, Run, check, predictions_plan, run_id_for, zoo_facts
 from weightsmith_flows.artifacts import _key
 from weightsmith_flows.extract import extract_model
@@ -43,25 +44,7 @@ def weightsmith_pipeline(
     """Returns {"model_url", "report_url", "reports", "status", "verdicts", "summaries"}; raises on failure."""
     log = get_run_logger()
     bucket_url = use_credentials(credentials)
-    options = PipelineOptions(
-        store=store or bucket_url,
-        name=name,
-        revision=revision,
-        stages=tuple(stages or ("extract", "weight-stats")),
-        layers=tuple(tuple(g) for g in layers or ()),
-        generators=tuple(generators or ("tile-diffusion",)),
-        generator_config=generator_config or {},
-        samples=samples,
-        seed=seed,
-        zoo=zoo,
-        joint=joint,
-        text=text,
-        text_bytes=text_bytes,
-        noise_radii=tuple(noise_radii or PipelineOptions.model_fields["noise_radii"].default),
-        device=device,
-        images=images,
-        run_id=run_id,
-    )
+    options = from_parameters(PipelineOptions, locals(), store=store or bucket_url)
     check(options)
     rid = run_id_for(source, options)
     model_url = extract_model(

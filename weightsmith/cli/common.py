@@ -6,6 +6,7 @@ User errors (WeightsmithError) print one line, `error: <file>: <problem>`, and e
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from weightsmith import state
 from weightsmith.errors import WeightsmithError
+from weightsmith.options import parameters
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -91,7 +93,11 @@ def build_options(cls, **values):
 
 
 def run_flow(name: str, task_runner: str = "threads", workers: int = 0, dask_address: str | None = None):
-    """A flow of flows/registry.py with the chosen task runner, Prefect set up for the embedded default."""
+    """A flow of flows/registry.py with the chosen task runner, Prefect set up for the embedded default.
+
+    The returned call takes the flow's arguments and, as `options`, a stage's options model,
+    which it passes as the flat parameters the flow declares.
+    """
     state.configure_prefect()
     from weightsmith_flows import registry
     from weightsmith_flows.runners import DEFAULT_WORKERS, RUNNERS, embedded_settings, make_runner
@@ -102,9 +108,13 @@ def run_flow(name: str, task_runner: str = "threads", workers: int = 0, dask_add
     runner = make_runner(task_runner, workers or DEFAULT_WORKERS, dask_address)
     chosen = registry.FLOWS[name].with_options(task_runner=runner)
 
-    def call(**parameters):
+    def call(options=None, **arguments):
+        """Call the flow with `arguments` and the flat parameters of `options` that it takes."""
+        if options is not None:
+            accepted = inspect.signature(chosen.fn).parameters
+            arguments = {**parameters(options, accepted), **arguments}
         with embedded_settings():
-            return chosen(**parameters)
+            return chosen(**arguments)
 
     return call
 

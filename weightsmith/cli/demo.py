@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from weightsmith import state
-from weightsmith.cli.common import NoPrefectOpt, StoreOpt, err, user_errors
+from weightsmith.cli.common import NoPrefectOpt, StoreOpt, err, run_flow, user_errors
 
 
 @user_errors
@@ -26,13 +26,5 @@ def _flow_runner(source: str, options):
     """Run the pipeline as the `weightsmith-pipeline` flow (embedded Prefect)."""
     from weightsmith.pipeline import PipelineResult
 
-    state.configure_prefect()
-    from weightsmith_flows.pipeline import weightsmith_pipeline
-
-    parameters = options.model_dump()
-    parameters["layers"] = [list(g) for g in options.layers]
-    parameters["stages"] = list(options.stages)
-    parameters["generators"] = list(options.generators)
-    parameters["noise_radii"] = list(options.noise_radii)
-    out = weightsmith_pipeline(source=source, **parameters)
+    out = run_flow("run", "threads", 4)(source=source, options=options)
     return PipelineResult(model_url=out["model_url"], run_id="", reports=out["reports"], summary=out["verdicts"])

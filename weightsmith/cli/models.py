@@ -85,18 +85,7 @@ def extract(
         )
         print(result.model_url)
         return
-    flow = run_flow("extract", task_runner, workers, dask_address)
-    model_url = flow(
-        source=source,
-        store=options.store,
-        name=name,
-        revision=revision,
-        include=list(options.include),
-        exclude=list(options.exclude),
-        images=images,
-        force=force,
-        wait_s=wait,
-    )
+    model_url = run_flow("extract", task_runner, workers, dask_address)(source=source, options=options)
     if as_json:
         out.print_json(json.dumps({"model_url": model_url}))
     else:

@@ -147,22 +147,7 @@ def run(
         result = run_pipeline(source, options, say=lambda m: err.print(m, highlight=False))
         reports, verdicts = result.reports or [result.report_url], result.summary
     else:
-        flow = run_flow("run", "threads", 4, None)
-        out_ = flow(
-            source=source,
-            store=options.store,
-            name=name,
-            stages=list(options.stages),
-            layers=[list(g) for g in options.layers],
-            generators=list(options.generators),
-            generator_config=options.generator_config,
-            samples=samples,
-            seed=seed,
-            zoo=zoo,
-            joint=joint,
-            text=text,
-            device=device,
-        )
+        out_ = run_flow("run", "threads", 4, None)(source=source, options=options)
         reports, verdicts = out_["reports"], out_["verdicts"]
     for v in verdicts:
         err.print(v, highlight=False)
