@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from weightsmith.errors import WeightsmithError
+
 
 @dataclass(frozen=True)
 class LMSpec:
@@ -194,7 +196,7 @@ def collect_zoo(
     model.train()
     chosen = {n: p for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
     if not chosen:
-        raise ValueError(f"no parameter matches {patterns}")
+        raise WeightsmithError("zoo patterns", f"no parameter matches {patterns}")
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
     torch.manual_seed(seed)
