@@ -13,7 +13,7 @@ For each run it measures the wall time of the whole command (interpreter start i
 peak memory two ways: the peak of the summed RSS of the process tree (psutil, polled every
 0.2 s: short spikes between polls are missed), and the peak RSS of the largest single process
 (`ru_maxrss` from `wait4`, exact). Targets (this benchmark IS about wall time): the full first
-run under 10 minutes, the cached run under 5. With `--size tiny` only each run's exit status is
+run under 12 minutes, the cached run under 3. With `--size tiny` only each run's exit status is
 checked.
 The exit status is 0 whether the targets pass or not; the demo's output is kept in --out.
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
 
-TARGETS = {"full": (600.0, 300.0)}  # seconds: first run, cached run
+TARGETS = {"full": (720.0, 180.0)}  # seconds: first run, cached run (issue 13: under 12 and 3 minutes)
 POLL = 0.2  # seconds between RSS samples of the process tree
 
 
