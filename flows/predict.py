@@ -1,5 +1,8 @@
 """`predict-layer` (runs a prediction where it is scheduled) and the GPU/CPU dispatcher.
 
+`predict_layer` plans the fits, runs one `fit-generator` task per fit on a thread pool of one
+worker per core (torch threads per fit: cores // workers), then samples and writes the run.
+
 `predict_layer` is deployed twice: on the `gpu` pool (DEVICE=cuda) and on the `cpu` pool.
 `dispatch_predict` picks where a request runs: the `gpu` pool when it has an online worker,
 else the `cpu` pool when it has one, else in this process; a run left waiting on `gpu` past
@@ -15,17 +18,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import predict as t
 from tasks.credentials import use_credentials
 from weightsmith.extract import new_run_id
 from weightsmith.model import parse_model_url
-from weightsmith.predict import PREDICTION, PredictOptions
+from weightsmith.predict import PREDICTION, PredictOptions, cpu_cores, fit_workers
 
 DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
 
 
-@flow(name="predict-layer")
+@flow(name="predict-layer", task_runner=ThreadPoolTaskRunner(max_workers=cpu_cores()))
 def predict_layer(
     model_url: str,
     layer: list[str],
@@ -41,6 +45,7 @@ def predict_layer(
     credentials: str | None = None,
     run_id: str | None = None,
     joint: bool = False,
+    pack_bytes: int = 1 << 20,
 ) -> dict:
     """Fit/sample `generator` on the tensors matching `layer`; returns the prediction run."""
     options = PredictOptions(
@@ -54,11 +59,18 @@ def predict_layer(
         device=device,
         zoo=zoo,
         joint=joint,
+        pack_bytes=pack_bytes,
         images=images,
         run_id=run_id,
     )
-    result = t.predict(model_url, options, credentials)
+    # one task per fit, at most one per core, each with cores // workers torch threads
+    units = t.plan_fits(model_url, options, credentials)
+    workers, threads = fit_workers(len(units), options.workers)
+    fits = [t.fit.submit(model_url, options, names, threads, credentials) for names in units]
+    reused = sum(f.result()["reused"] for f in fits)  # raises if a fit failed
+    result = t.predict(model_url, options, credentials)  # finds the states the fits stored
     result["host_device_env"] = os.environ.get("DEVICE", "")
+    result["fits"] = {"count": len(units), "reused": reused, "workers": workers, "torch_threads": threads}
     get_run_logger().info("prediction %s on %s", result["run_url"], ", ".join(result["devices"]))
     return result
 
@@ -109,6 +121,7 @@ def dispatch_predict(
     credentials: str | None = None,
     gpu_timeout: float = 600.0,
     joint: bool = False,
+    pack_bytes: int = 1 << 20,
 ) -> dict:
     """Send the prediction to the GPU pool, the CPU pool or run it here; record why."""
     params = dict(
@@ -125,6 +138,7 @@ def dispatch_predict(
         images=images,
         credentials=credentials,
         joint=joint,
+        pack_bytes=pack_bytes,
     )
     use_credentials(credentials)
     pool, reason = choose_pool()
