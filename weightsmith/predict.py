@@ -240,7 +240,7 @@ def fit_batches(records: list[dict], joint: bool, pack_bytes: int = 0) -> list[l
             order.append([r])
             continue
         group = packs.setdefault((role(r["name"]), tuple(r["shape"])), [])
-        if not group or 4 * math.prod(r["shape"]) * (len(group[-1]) + 1) > pack_bytes:
+        if not group or size * (len(group[-1]) + 1) > pack_bytes:
             group.append([])
             order.append(group[-1])
         group[-1].append(r)
