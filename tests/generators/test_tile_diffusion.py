@@ -8,6 +8,7 @@ GPU test runs only where CUDA is available.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -249,6 +250,8 @@ def test_easy_examples_stop_at_a_plateau_before_the_cap() -> None:
     # without early stopping the same fit runs its whole budget, and says so
     state = TileDiffusion().fit(easy, {**config, "early_stop": False, "ae_train_steps": 20, "unet_train_steps": 20})
     assert state.info["unet_fit"]["stopped"] == "cap" and state.info["unet_fit"]["steps"] == 20
+    assert state.info["unet_fit"]["val_loss"] is None
+    json.dumps(state.info, allow_nan=False)  # the store writes strict JSON (no NaN)
 
 
 def test_the_budget_grows_with_the_distinct_crops() -> None:

@@ -32,7 +32,7 @@ class FitRecord:
     budget: int  # steps planned (the learning rate schedule's length)
     stopped: str  # "plateau" (validation loss stopped improving) or "cap" (the budget ran out)
     best_step: int  # step whose weights were kept (0: before any step)
-    val_loss: float  # validation loss at best_step (nan without validation)
+    val_loss: float | None  # validation loss at best_step (None without validation)
     train_loss: float  # mean training loss over the last tenth of the steps taken
 
     def to_dict(self) -> dict:

@@ -405,7 +405,7 @@ def _train(
         budget=steps,
         stopped=stopped,
         best_step=plateau.best_step if plateau else step,
-        val_loss=plateau.best if plateau else float("nan"),
+        val_loss=plateau.best if plateau else None,
         train_loss=float(np.mean(losses[-max(1, len(losses) // 10) :])),
     )
 
