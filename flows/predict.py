@@ -1,7 +1,8 @@
 """`predict-layer` (runs a prediction where it is scheduled) and the GPU/CPU dispatcher.
 
-`predict_layer` plans the fits, runs one `fit-generator` task per fit on a thread pool of one
-worker per core (torch threads per fit: cores // workers), then samples and writes the run.
+`predict_layer` plans the fits, runs one `fit-generator` task per fit on a process pool of one
+worker per core (torch threads per fit: cores // workers; in threads the interpreter lock
+serialises these small networks), then samples and writes the run.
 
 `predict_layer` is deployed twice: on the `gpu` pool (DEVICE=cuda) and on the `cpu` pool.
 `dispatch_predict` picks where a request runs: the `gpu` pool when it has an online worker,
@@ -18,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from tasks import predict as t
 from tasks.credentials import use_credentials
@@ -29,7 +30,7 @@ from weightsmith.predict import PREDICTION, PredictOptions, cpu_cores, fit_worke
 DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
 
 
-@flow(name="predict-layer", task_runner=ThreadPoolTaskRunner(max_workers=cpu_cores()))
+@flow(name="predict-layer", task_runner=ProcessPoolTaskRunner(max_workers=cpu_cores()))
 def predict_layer(
     model_url: str,
     layer: list[str],
