@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/predict.py [--quick] [--device cpu|cuda] [--sizes 512 2000]
                                       [--out DIR] [--json FILE]
+    .venv/bin/python bench/predict.py --whole-model [--out DIR] [--json FILE]
+
+`--whole-model` (see `whole_model`) instead predicts every tensor of the demo's tiny trained
+model with each generator that trains, as `weightsmith predict` now does it (budgets that
+follow the data, early stopping, small same-role tensors packed, fits fanned out), and
+compares seconds per MB and per tensor, fit and sample apart, with the previous per-tensor
+defaults timed on a fixed sample of tensors and extrapolated to the whole model.
 
 All three generators draw whole tensors of the same shape (float32, so the same bytes per
 sample) on the same device, in one run:
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import subprocess
 import sys
 import time
@@ -162,6 +170,182 @@ def child(spec: dict) -> None:
             np.median([min(np.linalg.norm(s - r) for r in ref[:ZOO_K]) / np.linalg.norm(ref[0]) for s in samples[:8]])
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# --whole-model: every tensor of the demo's tiny trained model
+WHOLE_ZOO = {"checkpoints": 48, "every": 2}  # as the tiny demo's zoo, of every tensor
+# the previous defaults: every tensor alone, fixed steps (200 + 400; zoo 1000 + 2000), no early stop
+PREVIOUS = {
+    "tile-diffusion": {"early_stop": False, "ae_min_steps": 200, "unet_min_steps": 400},
+    "zoo-diffusion": {"early_stop": False, "ae_min_steps": 1000, "ddpm_min_steps": 2000},
+}
+# the fixed sample the previous defaults are timed on: a LayerNorm vector, a matrix, the largest
+PREVIOUS_SAMPLE = ("transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.weight", "transformer.wte.weight")
+
+
+def _all_cpu() -> float:
+    """CPU seconds of this process and of its finished children (the fit worker processes)."""
+    return c.cpu_seconds() + c.cpu_seconds(resource.RUSAGE_CHILDREN)
+
+
+def whole_child(spec: dict) -> None:
+    """Predict twice with the same options: fit + sample, then sample only (the states reused)."""
+    import torch
+
+    from weightsmith.generators import state_from_bytes
+    from weightsmith.model import parse_model_url
+    from weightsmith.predict import PredictOptions, predict
+
+    torch.set_num_threads(spec["threads"])
+    previous = spec["mode"] == "previous"
+    options = PredictOptions(
+        layer=tuple(spec["layer"]),
+        generator=spec["method"],
+        config=PREVIOUS[spec["method"]] if previous else {},
+        zoo=spec["zoo"],
+        images="none",
+        device="cpu",
+        pack_bytes=0 if previous else PredictOptions.model_fields["pack_bytes"].default,
+        workers=1 if previous else 0,
+        run_id=f"bench-{spec['mode']}-{spec['method']}-1",
+    )
+    rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
+    t0, cpu0 = time.perf_counter(), _all_cpu()
+    first = predict(spec["model_url"], options)
+    both, both_cpu = time.perf_counter() - t0, _all_cpu() - cpu0
+    t0, cpu0 = time.perf_counter(), _all_cpu()
+    predict(spec["model_url"], options.model_copy(update={"run_id": options.run_id[:-1] + "2"}))
+    sample, sample_cpu = time.perf_counter() - t0, _all_cpu() - cpu0
+    model = parse_model_url(spec["model_url"])
+    facts = model.store.read_json(model.key("predictions", first.run_id, "prediction.json"))
+    keys = sorted({e["generator_state"] for e in facts["tensors"].values()})
+    nets: dict[str, list] = {}
+    for key in keys:
+        info = state_from_bytes(model.store.read_bytes(key)).info
+        for net in ("ae_fit", "unet_fit", "ddpm_fit"):
+            if net in info:
+                nets.setdefault(net, []).append((info[net]["steps"], info[net]["budget"], info[net]["stopped"]))
+    c.report_child(
+        both,
+        rss_start,
+        cpu_start,
+        fit_seconds=both - sample,
+        sample_seconds=sample,
+        fit_cpu_seconds=both_cpu - sample_cpu,
+        sample_cpu_seconds=sample_cpu,
+        tensors=len(facts["tensors"]),
+        bytes=sum(4 * math.prod(e["shape"]) for e in facts["tensors"].values()),
+        fits=len(keys),
+        nets={
+            net: {
+                "steps": sum(r[0] for r in rows),
+                "budget": sum(r[1] for r in rows),
+                "plateau": sum(r[2] == "plateau" for r in rows),
+                "cap": sum(r[2] == "cap" for r in rows),
+            }
+            for net, rows in nets.items()
+        },
+    )
+
+
+def whole_model(out: Path) -> dict:
+    """Build (once) the demo's tiny trained model and a zoo of all its tensors, then time both ways.
+
+    New: every tensor, the library's defaults (one worker per core). Previous: the fixed sample
+    `PREVIOUS_SAMPLE`, one tensor at a time with the previous fixed steps, 1 torch thread (the
+    setting the demo used, the faster one here under load); its per-tensor fit and sample times
+    are extrapolated to every tensor (a fixed-step fit costs about the same per tensor here,
+    whatever its size: that was the problem). Wall seconds; CPU seconds beside them.
+    """
+    import torch
+
+    from weightsmith import state
+    from weightsmith.demo.train import SPECS, collect_zoo, train_lm
+    from weightsmith.extract import ExtractOptions, extract
+    from weightsmith.store import Store
+    from weightsmith.zoo import write_zoo
+
+    folder = state.cache_dir() / "demo-lm-tiny"  # where the demo caches it
+    cached = (folder / "model.safetensors").is_file()
+    print(f"model:   the demo's tiny trained model, {folder} ({'cached' if cached else 'training it now'})", flush=True)
+    torch.set_num_threads(min(4, c.machine().get("cores") or 1))
+    train_lm(folder, SPECS["tiny"])
+    root = out / "whole-model"
+    c.remove(root)  # a fresh store: no state of an earlier run is reused
+    url = extract(str(folder), ExtractOptions(store=str(root / "store"), images="none")).model_url
+    zoo_id = "whole-k{checkpoints}".format(**WHOLE_ZOO)
+    write_zoo(Store(str(root / "store")), zoo_id, collect_zoo(folder, ("*",), **WHOLE_ZOO))
+    print(f"zoo:     {zoo_id}: {WHOLE_ZOO['checkpoints']} checkpoints of every tensor (continued training)\n")
+    results: dict = {}
+    for method in ("tile-diffusion", "zoo-diffusion"):
+        zoo = zoo_id if method == "zoo-diffusion" else None
+        runs = {}
+        for mode, layer, threads in (("new", ["*"], 1), ("previous", list(PREVIOUS_SAMPLE), 1)):
+            print(f"  {method} {mode} ...", end=" ", flush=True)
+            spec = {"whole": True, "method": method, "mode": mode, "layer": layer, "zoo": zoo}
+            r = c.run_child(SCRIPT, {**spec, "model_url": url, "threads": threads}, timeout=7200)
+            runs[mode] = r
+            print(
+                f"{r['tensors']} tensors, {r['fits']} fits in {r['fit_seconds']:.1f}s, sampled in "
+                f"{r['sample_seconds']:.1f}s",
+                flush=True,
+            )
+        results[method] = runs
+    return results
+
+
+def whole_table(results: dict) -> tuple[str, list[str]]:
+    rows, lines = [], []
+    for method, runs in results.items():
+        new, old = runs["new"], runs["previous"]
+        scale = new["tensors"] / old["tensors"]  # the previous defaults, extrapolated
+        old_fit, old_sample = old["fit_seconds"] * scale, old["sample_seconds"] * scale
+        for label, r, fit, sample, cpu in (
+            ("new, measured", new, new["fit_seconds"], new["sample_seconds"], new["fit_cpu_seconds"]),
+            ("previous, extrapolated", old, old_fit, old_sample, old["fit_cpu_seconds"] * scale),
+        ):
+            mb = new["bytes"] / c.MB
+            rows.append(
+                [
+                    method,
+                    label,
+                    new["tensors"],
+                    r["fits"] if r is new else f"{new['tensors']} ({old['tensors']} timed)",
+                    f"{fit:.1f}",
+                    f"{cpu:.1f}",
+                    f"{sample:.1f}",
+                    f"{fit / mb:.1f}",
+                    f"{sample / mb:.1f}",
+                    f"{fit / new['tensors']:.2f}",
+                    f"{sample / new['tensors']:.2f}",
+                ]
+            )
+        speedup = (old_fit + old_sample) / (new["fit_seconds"] + new["sample_seconds"])
+        target = " (target >= 10x: " + ("PASS" if speedup >= 10 else "FAIL") + ")" if method == "tile-diffusion" else ""
+        lines.append(
+            f"{method}: whole model {new['fit_seconds'] + new['sample_seconds']:.0f}s vs previous defaults "
+            f"{old_fit + old_sample:.0f}s (extrapolated from {old['tensors']} tensors): {speedup:.1f}x faster{target}; "
+            f"fit CPU {old['fit_cpu_seconds'] * scale / max(new['fit_cpu_seconds'], 1e-3):.1f}x less; new fits: "
+            + ", ".join(
+                f"{n} {v['steps']}/{v['budget']} steps ({v['plateau']} plateau, {v['cap']} cap)"
+                for n, v in new["nets"].items()
+            )
+        )
+    headers = [
+        "generator",
+        "defaults",
+        "tensors",
+        "fits",
+        "fit s",
+        "fit CPU s",
+        "sample s",
+        "fit s/MB",
+        "sample s/MB",
+        "fit s/tensor",
+        "sample s/tensor",
+    ]
+    return c.table(headers, rows, "llrrrrrrrrr"), lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,16 +512,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=c.DEFAULT_OUT, help="work folder (bench/out)")
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    p.add_argument(
+        "--whole-model",
+        action="store_true",
+        help="every tensor of the demo's tiny trained model, new defaults vs. the previous ones (CPU)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(json.loads(args.child))
+        spec = json.loads(args.child)
+        (whole_child if spec.get("whole") else child)(spec)
         return 0
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     machine, disk = c.machine(), c.disk(out)
     print(c.describe(machine, disk))
+    if args.whole_model:
+        started, load_before = time.perf_counter(), c.load()
+        results = whole_model(out)
+        table, lines = whole_table(results)
+        print(f"\nbefore: {load_before}; after: {c.load()} (wall times: other work on the machine slows both)")
+        print(table)
+        print("\n".join(lines))
+        print(
+            "previous defaults: timed on the fixed sample of tensors above, one at a time, and extrapolated\n"
+            "to every tensor (x tensors / timed tensors); new: measured on every tensor. Quality is not\n"
+            "measured here."
+        )
+        print(f"benchmark took {time.perf_counter() - started:.0f}s")
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine, "whole_model": results}, indent=1, default=str) + "\n")
+        return 0
     device = args.device
     if device == "cuda" and not cuda_available():
         print("--device cuda: CUDA is not available here; running on cpu instead")

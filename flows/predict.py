@@ -1,5 +1,9 @@
 """`predict-layer` (runs a prediction where it is scheduled) and the GPU/CPU dispatcher.
 
+`predict_layer` plans the fits, runs one `fit-generator` task per fit on a process pool of one
+worker per core (torch threads per fit: cores // workers; in threads the interpreter lock
+serialises these small networks), then samples and writes the run.
+
 `predict_layer` is deployed twice: on the `gpu` pool (DEVICE=cuda) and on the `cpu` pool.
 `dispatch_predict` picks where a request runs: the `gpu` pool when it has an online worker,
 else the `cpu` pool when it has one, else in this process; a run left waiting on `gpu` past
@@ -15,23 +19,25 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from weightsmith.extract import new_run_id
 from weightsmith.model import parse_model_url
-from weightsmith.predict import PREDICTION, PredictOptions
+from weightsmith.options import from_parameters
+from weightsmith.predict import PREDICTION, PredictOptions, cpu_cores, fit_workers
 from weightsmith_tasks import predict as t
 from weightsmith_tasks.credentials import use_credentials
 
 DEPLOYMENTS = {"gpu": "predict-layer/gpu", "cpu": "predict-layer/cpu"}
 
 
-@flow(name="predict-layer")
+@flow(name="predict-layer", task_runner=ProcessPoolTaskRunner(max_workers=cpu_cores()))
 def predict_layer(
     model_url: str,
     layer: list[str],
     generator: str,
     config: dict | None = None,
-    chunk_size: str | None = None,
+    chunk_size: str | int | None = None,
     chunk_offset: int = 0,
     samples: int = 1,
     seed: int = 0,
@@ -41,24 +47,18 @@ def predict_layer(
     credentials: str | None = None,
     run_id: str | None = None,
     joint: bool = False,
+    pack_bytes: int = 1 << 20,
 ) -> dict:
     """Fit/sample `generator` on the tensors matching `layer`; returns the prediction run."""
-    options = PredictOptions(
-        layer=tuple(layer),
-        generator=generator,
-        config=config or {},
-        chunk_size=chunk_size,
-        chunk_offset=chunk_offset,
-        samples=samples,
-        seed=seed,
-        device=device,
-        zoo=zoo,
-        joint=joint,
-        images=images,
-        run_id=run_id,
-    )
-    result = t.predict(model_url, options, credentials)
+    options = from_parameters(PredictOptions, locals())
+    # one task per fit, at most one per core, each with cores // workers torch threads
+    units = t.plan_fits(model_url, options, credentials)
+    workers, threads = fit_workers(len(units), options.workers)
+    fits = [t.fit.submit(model_url, options, names, threads, credentials) for names in units]
+    reused = sum(f.result()["reused"] for f in fits)  # raises if a fit failed
+    result = t.predict(model_url, options, credentials)  # finds the states the fits stored
     result["host_device_env"] = os.environ.get("DEVICE", "")
+    result["fits"] = {"count": len(units), "reused": reused, "workers": workers, "torch_threads": threads}
     get_run_logger().info("prediction %s on %s", result["run_url"], ", ".join(result["devices"]))
     return result
 
@@ -99,7 +99,7 @@ def dispatch_predict(
     layer: list[str],
     generator: str,
     config: dict | None = None,
-    chunk_size: str | None = None,
+    chunk_size: str | int | None = None,
     chunk_offset: int = 0,
     samples: int = 1,
     seed: int = 0,
@@ -109,6 +109,7 @@ def dispatch_predict(
     credentials: str | None = None,
     gpu_timeout: float = 600.0,
     joint: bool = False,
+    pack_bytes: int = 1 << 20,
 ) -> dict:
     """Send the prediction to the GPU pool, the CPU pool or run it here; record why."""
     params = dict(
@@ -125,6 +126,7 @@ def dispatch_predict(
         images=images,
         credentials=credentials,
         joint=joint,
+        pack_bytes=pack_bytes,
     )
     use_credentials(credentials)
     pool, reason = choose_pool()

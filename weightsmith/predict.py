@@ -8,24 +8,47 @@ the generator, its config, the seed, the device of every sample, the sampling ve
 random numbers are derived; see `weightsmith.generators.base`) and, per fit, the examples it
 saw (`examples`: zoo, K, whether ordered, sha256 of the values).
 With a chunk size, each sample is the source tensor with one run of elements replaced.
-With `joint`, tensors of one shape are fitted together as one stack (n, *shape) (e.g. every
-LayerNorm weight and bias of a model: one fit instead of dozens, and samples that keep the
-tensors' joint structure), and each sample is split back into its tensors.
+
+Which tensors are fitted together (`fit_batches`, recorded as each tensor's `fitted_with`):
+- by default, generators that train (`packs_roles`: tile-diffusion, zoo-diffusion) fit small
+  tensors of one role and shape together: the role is the name without its layer index
+  (`transformer.h.{i}.ln_1.weight`), and a pack holds at most `pack_bytes` of float32. A pack of
+  n vectors is fitted as (n, len) (one row per layer), of n matrices as their rows stacked
+  (n * rows, ...), so a tile generator sees each matrix in its own orientation. A fit costs
+  about the same for a 64-value LayerNorm as for a 64 x 64 matrix, so a small model's LayerNorms
+  and biases take a fit per role instead of one per layer. Baselines always fit each tensor
+  alone (their statistics are per tensor), and so does every generator with a chunk size.
+- with `joint`, every generator fits all selected tensors of one shape as one stack
+  (n, *shape) (e.g. every LayerNorm weight and bias of a model: samples that keep the tensors'
+  joint structure), whatever their size.
+Each sample of a packed fit is split back into its tensors exactly (a reshape, then an index).
+
+Fits of generators that train fan out over `workers` spawned processes (default: one per
+core, at most one per fit), each with cores // workers torch threads, so the cores are busy
+and not oversubscribed (a script that calls `predict` needs the usual
+`if __name__ == "__main__":` guard); then every tensor is sampled and written in order.
+The `predict-layer` flow runs the fits as one Prefect task each (`plan_fits` + `fit_unit`)
+and then calls `predict`, which finds their states.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
+import multiprocessing
 import os
+import re
 import socket
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from itertools import repeat
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from weightsmith import __version__
 from weightsmith.artifacts import write_images
@@ -41,6 +64,11 @@ PREDICTION = "prediction.json"
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
+def _size(value):
+    """A size as given on the command line ("780KB", "3MB") or in bytes."""
+    return parse_size(value) if isinstance(value, str) else value
+
+
 class PredictOptions(BaseModel):
     """What to predict and how; written into prediction.json for provenance."""
 
@@ -49,13 +77,16 @@ class PredictOptions(BaseModel):
     layer: tuple[str, ...]  # glob patterns over tensor names (at least one)
     generator: str  # registry name, e.g. "tile-diffusion", "zoo-diffusion", "gaussian"
     config: dict = Field(default_factory=dict)  # the generator's options
-    chunk_size: str | None = None  # predict one run of this many float32 bytes ("780KB"), spliced
+    # predict one run of this many float32 bytes, spliced into the tensor ("780KB" or an int: bytes)
+    chunk_size: Annotated[int | None, BeforeValidator(_size)] = None
     chunk_offset: int = Field(0, ge=0)  # element offset of that run in the flattened tensor
     samples: int = Field(1, ge=1)  # draws per tensor
     seed: int = Field(0, ge=0)  # same seed, same device -> same values
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: $DEVICE, else CUDA when present
     zoo: str | None = None  # fit on zoos/<id>/ (K checkpoints) instead of the model alone
     joint: bool = False  # one fit per shape: same-shape tensors stacked (n, *shape), not one per tensor
+    pack_bytes: int = Field(1 << 20, ge=0)  # generators that train fit small same-role tensors together, up to this
+    workers: int = Field(0, ge=0)  # fits in parallel (0: one per core); torch threads = cores // workers
     images: Literal["all", "preview", "none"] = "all"  # TIFF + PNG per sample, PNG, or neither
     run_id: str | None = None  # default: a new time-stamped id
 
@@ -126,12 +157,15 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
         raise WeightsmithError(gen.name, f"needs an ordered zoo (zoo.json `ordered: true`), got {where}")
     started = time.time()
     entries, devices = {}, []
-    for batch in fit_batches(records, options.joint):
-        examples = _examples(model, batch, options.zoo)
-        state, state_key, reused = _fit_or_reuse(model, gen, examples, options.config)
+    batches = fit_batches(records, options.joint, _pack_bytes(gen, options))
+    fitted = _fit_all(model_url, model, gen, batches, options)  # state key -> reused from an earlier run
+    for batch in batches:
+        examples = _examples(model, batch, options.zoo, options.joint)
+        state, state_key, _ = _fit_or_reuse(model, gen, examples, options.config)
+        reused = fitted[state_key]
         chunk = None
         if options.chunk_size is not None:
-            chunk = chunk_region(examples.shape, parse_size(options.chunk_size), options.chunk_offset)
+            chunk = chunk_region(examples.shape, options.chunk_size, options.chunk_offset)
         result = gen.sample(state, options.samples, SampleSpec(examples.shape, chunk), options.seed)
         if any(d.startswith("cuda") and "cpu" in d for d in result.devices):
             warnings.warn(f"{examples.name}: CUDA ran out of memory; some samples were computed on CPU", stacklevel=2)
@@ -139,7 +173,7 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
         drawn = [splice(base, a, chunk.offset) if chunk is not None else a for a in result.arrays]
         for j, record in enumerate(batch):
             name = record["name"]
-            samples = [a[j] for a in drawn] if len(batch) > 1 else drawn
+            samples = [split_sample(a, batch, j) for a in drawn] if len(batch) > 1 else drawn
             entries[name] = _write_samples(model, prefix, record, samples, options.images)
             entries[name].update(
                 {
@@ -187,18 +221,137 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
     return PredictionResult(model.store.url_of(prefix), run_id, list(entries), devices)
 
 
-def fit_batches(records: list[dict], joint: bool) -> list[list[dict]]:
-    """The tensors fitted together: each alone, or (joint) all of one shape, in first-seen order."""
-    if not joint:
-        return [[r] for r in records]
-    by_shape: dict[tuple, list[dict]] = {}
+@dataclass(frozen=True)
+class FitUnit:
+    """One fit of a prediction: the tensors fitted together, in order (small; plans travel)."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    state_key: str  # where the fitted state is stored
+    reused: bool  # True when an earlier run had stored it
+    seconds: float  # wall time of the fit (or of finding it)
+
+
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
+
+
+def role(name: str) -> str:
+    """The tensor's name without its layer index: transformer.h.3.ln_1.weight -> transformer.h.{i}.ln_1.weight."""
+    return _LAYER_INDEX.sub("{i}", name)
+
+
+def fit_batches(records: list[dict], joint: bool, pack_bytes: int = 0) -> list[list[dict]]:
+    """The tensors fitted together, in first-seen order.
+
+    joint: all tensors of one shape. Else tensors of one role and shape whose float32 bytes are
+    at most `pack_bytes` each, in packs of at most `pack_bytes` together; every other tensor alone.
+    """
+    if joint:
+        by_shape: dict[tuple, list[dict]] = {}
+        for r in records:
+            by_shape.setdefault(tuple(r["shape"]), []).append(r)
+        return list(by_shape.values())
+    packs: dict[tuple, list[list[dict]]] = {}
+    order: list[list[dict]] = []  # the batches, in the order their first tensor came
     for r in records:
-        by_shape.setdefault(tuple(r["shape"]), []).append(r)
-    return list(by_shape.values())
+        size = 4 * math.prod(r["shape"])
+        if size > pack_bytes:
+            order.append([r])
+            continue
+        group = packs.setdefault((role(r["name"]), tuple(r["shape"])), [])
+        if not group or size * (len(group[-1]) + 1) > pack_bytes:
+            group.append([])
+            order.append(group[-1])
+        group[-1].append(r)
+    return order
 
 
-def _examples(model: ModelRef, batch: list[dict], zoo: str | None) -> Examples:
-    """The batch's K examples: (K, *shape) for one tensor, (K, n, *shape) for n stacked."""
+def split_sample(sample: np.ndarray, batch: list[dict], j: int) -> np.ndarray:
+    """Tensor j of one sample of a packed fit: the fit's shape reshaped to (n, *shape), row j."""
+    return np.asarray(sample).reshape(len(batch), *batch[j]["shape"])[j]
+
+
+def plan_fits(model_url: str, options: PredictOptions) -> list[FitUnit]:
+    """The fits that `predict` will make for these options, as small descriptions."""
+    model = parse_model_url(model_url)
+    records = select(model.manifest(), options.layer)
+    gen = get_generator(options.generator)(device="cpu")  # the plan does not depend on the device
+    return [
+        FitUnit(tuple(r["name"] for r in b)) for b in fit_batches(records, options.joint, _pack_bytes(gen, options))
+    ]
+
+
+def fit_unit(model_url: str, options: PredictOptions, unit: FitUnit, threads: int | None = None) -> FitOutcome:
+    """Fit (or find) the generator state of one planned fit and store it; `threads`: torch threads."""
+    model = parse_model_url(model_url)
+    by_name = {r["name"]: r for r in select(model.manifest(), options.layer)}
+    missing = [n for n in unit.names if n not in by_name]
+    if missing:
+        raise WeightsmithError(missing[0], "not a selected float tensor of the model")
+    gen = get_generator(options.generator)(device=resolve_device(options.device))
+    if threads:
+        _set_torch_threads(threads)
+    started = time.time()
+    examples = _examples(model, [by_name[n] for n in unit.names], options.zoo, options.joint)
+    _, key, reused = _fit_or_reuse(model, gen, examples, options.config)
+    return FitOutcome(key, reused, time.time() - started)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fit_workers(fits: int, requested: int = 0) -> tuple[int, int]:
+    """(workers, torch threads per worker) for `fits` fits: one worker per core unless requested."""
+    workers = max(1, min(fits, requested or cpu_cores()))
+    return workers, max(1, cpu_cores() // workers)
+
+
+def _pack_bytes(gen, options: PredictOptions) -> int:
+    # only generators that train pack (a baseline's statistics are per tensor), and never with a chunk
+    if not getattr(gen, "packs_roles", False) or options.chunk_size is not None:
+        return 0
+    return options.pack_bytes
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _fit_all(
+    model_url: str, model: ModelRef, gen, batches: list[list[dict]], options: PredictOptions
+) -> dict[str, bool]:
+    """Fit every batch whose state is not stored yet; returns state key -> whether it was reused.
+
+    Generators that train fit in spawned worker processes: their networks are small, so in
+    threads the interpreter lock serialises them (measured here: 2 threads, 1.0-1.2x one).
+    """
+    reused, todo = {}, []
+    for batch in batches:
+        key = _state_key(model, gen, _examples(model, batch, options.zoo, options.joint), options.config)
+        if model.store.exists(key):
+            reused[key] = True
+        else:
+            todo.append(FitUnit(tuple(r["name"] for r in batch)))
+    workers, threads = fit_workers(len(todo), options.workers)
+    if workers == 1 or not getattr(gen, "packs_roles", False):
+        outcomes = [fit_unit(model_url, options, unit) for unit in todo]
+    else:
+        spawn = multiprocessing.get_context("spawn")  # no forked torch thread pools or CUDA state
+        with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+            outcomes = list(pool.map(fit_unit, repeat(model_url), repeat(options), todo, repeat(threads)))
+    return reused | {o.state_key: o.reused for o in outcomes}
+
+
+def _examples(model: ModelRef, batch: list[dict], zoo: str | None, joint: bool) -> Examples:
+    """The batch's K examples: (K, *shape) for one tensor; n packed: (K, n, *shape), or for
+    role-packed matrices (not `joint`) (K, n * rows, ...) (see `fit_batches`)."""
     bases = [None]
     if zoo is None:
         stacks = [read_values(model, r)[None] for r in batch]
@@ -211,7 +364,14 @@ def _examples(model: ModelRef, batch: list[dict], zoo: str | None) -> Examples:
     if len(batch) == 1:
         return Examples(batch[0]["name"], stacks[0], base=None if base is None else base[0])
     names = tuple(r["name"] for r in batch)
-    return Examples(" + ".join(names), np.stack(stacks, axis=1), parts=names, base=base)
+    values = np.stack(stacks, axis=1)  # (K, n, *shape)
+    shape = tuple(batch[0]["shape"])
+    if len(shape) >= 2 and not joint:  # role-packed matrices: their rows stacked, (K, n * rows, ...)
+        values = values.reshape(values.shape[0], len(batch) * shape[0], *shape[1:])
+        if base is not None:
+            base = base.reshape(len(batch) * shape[0], *shape[1:])
+        return Examples(" + ".join(names), values, base=base)
+    return Examples(" + ".join(names), values, parts=names, base=base)
 
 
 def zoo_is_ordered(model: ModelRef, zoo: str | None) -> bool:
@@ -224,10 +384,14 @@ def zoo_is_ordered(model: ModelRef, zoo: str | None) -> bool:
     return manifest.get("ordered", manifest.get("attrs", {}).get("ordered")) is True
 
 
+def _state_key(model: ModelRef, gen, examples: Examples, config: dict) -> str:
+    return model.key("generators", gen.name, gen.fingerprint(examples, config), "state.npz")
+
+
 def _fit_or_reuse(model: ModelRef, gen, examples: Examples, config: dict):
     """The stored state for these inputs, else a new fit saved next to its config."""
     fp = gen.fingerprint(examples, config)
-    key = model.key("generators", gen.name, fp, "state.npz")
+    key = _state_key(model, gen, examples, config)
     try:
         return state_from_bytes(model.store.read_bytes(key)), key, True
     except FileNotFoundError:

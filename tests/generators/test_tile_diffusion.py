@@ -8,6 +8,7 @@ GPU test runs only where CUDA is available.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -241,3 +242,39 @@ def test_cuda(fitted: State, examples: Examples) -> None:
     np.testing.assert_array_equal(gen.sample(fitted, 1, spec, seed=0).arrays[0], result.arrays[0])
     state = gen.fit(examples, TINY)  # fitting runs on the GPU too
     assert gen.sample(state, 1, spec, seed=0).devices == ["cuda:0"]
+
+
+def test_easy_examples_stop_at_a_plateau_before_the_cap() -> None:
+    # a smooth ramp: both networks learn it within a few dozen steps, then stop improving
+    rows, cols = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 48), indexing="ij")
+    easy = Examples("ramp", (0.02 * (rows + 0.5 * cols))[None].astype(np.float32))  # (1, 32, 48)
+    config = {
+        **TINY,
+        "batch_size": 8,
+        "ae_min_steps": 400,
+        "ae_train_steps": 400,
+        "unet_min_steps": 400,
+        "unet_train_steps": 400,
+        "eval_every": 5,
+        "patience": 2,
+        "min_delta": 0.05,
+    }
+    state = TileDiffusion().fit(easy, config)
+    for net in ("ae_fit", "unet_fit"):
+        fit = state.info[net]
+        assert fit["budget"] == 400 and fit["stopped"] == "plateau" and fit["steps"] < 400, (net, fit)
+        assert fit["best_step"] <= fit["steps"] and math.isfinite(fit["val_loss"])
+    # without early stopping the same fit runs its whole budget, and says so
+    state = TileDiffusion().fit(easy, {**config, "early_stop": False, "ae_train_steps": 20, "unet_train_steps": 20})
+    assert state.info["unet_fit"]["stopped"] == "cap" and state.info["unet_fit"]["steps"] == 20
+    assert state.info["unet_fit"]["val_loss"] is None
+    json.dumps(state.info, allow_nan=False)  # the store writes strict JSON (no NaN)
+
+
+def test_the_budget_grows_with_the_distinct_crops() -> None:
+    from weightsmith.generators.budget import budget
+
+    assert budget(10, 0.5, floor=8, cap=100) == 8  # the floor
+    assert budget(100, 0.5, floor=8, cap=100) == 50  # in between: crops x passes / batch
+    assert budget(10_000, 0.5, floor=8, cap=100) == 100  # the cap
+    assert budget(10, 0.5, floor=200, cap=100) == 100  # a cap below the floor wins

@@ -200,3 +200,29 @@ def test_cuda(fitted) -> None:
     state = gen.fit(examples, TINY)  # fitting runs on the GPU too
     again = gen.sample(state, 2, spec, seed=1)
     assert again.devices == ["cuda:0"] * 2 and all(np.isfinite(a).all() for a in again.arrays)
+
+
+def test_easy_zoo_stops_at_a_plateau_on_held_out_members(tensors: dict[str, np.ndarray]) -> None:
+    # nearly identical members: the held-out block looks like the rest, both nets plateau early
+    rng = np.random.default_rng(0)
+    base = tensors[UP]
+    easy = Examples("easy", base + 1e-4 * float(base.std()) * rng.standard_normal((K, *base.shape)))
+    config = {
+        **TINY,
+        "ae_min_steps": 600,
+        "ae_steps": 600,
+        "ddpm_min_steps": 600,
+        "ddpm_steps": 600,
+        "eval_every": 10,
+        "patience": 2,
+        "min_delta": 0.05,
+    }
+    state = get("zoo-diffusion")().fit(easy, config)
+    assert state.info["held_out"] == 3  # the last eighth of 24 members
+    for net in ("ae_fit", "ddpm_fit"):
+        fit = state.info[net]
+        assert fit["budget"] == 600 and fit["stopped"] == "plateau" and fit["steps"] < 600, (net, fit)
+    # without early stopping nothing is held out and the budget runs out
+    state = get("zoo-diffusion")().fit(easy, {**config, "early_stop": False, "ae_steps": 30, "ddpm_steps": 30})
+    assert state.info["held_out"] == 0 and state.info["ddpm_fit"]["stopped"] == "cap"
+    assert state.info["ddpm_fit"]["steps"] == 30 and state.info["ddpm_fit"]["val_loss"] is None

@@ -66,28 +66,13 @@ def predict(
         err.print(f"{len(result.tensors)} tensors x {samples} samples on {', '.join(sorted(set(result.devices)))}")
         print(result.run_url)
         return
-    flow = run_flow("predict", "threads", 1, None)
-    result = flow(
-        model_url=model_url,
-        layer=list(layer),
-        generator=generator,
-        config=cfg,
-        chunk_size=chunk_size,
-        chunk_offset=chunk_offset,
-        samples=samples,
-        seed=seed,
-        device=device,
-        zoo=zoo,
-        images=images,
-        joint=joint,
-    )
+    result = run_flow("predict", "threads", 1, None)(model_url=model_url, options=options)
     err.print(f"ran on {result['pool']} ({result['reason']}); devices: {', '.join(result['devices'])}")
     print(result["run_url"])
 
 
 def _check_predict_input(model_url: str, options) -> None:
     """Fail before a flow starts: the model is complete, the tensors and generator exist."""
-    from weightsmith.codec import parse_size
     from weightsmith.generators.registry import get
     from weightsmith.model import parse_model_url
     from weightsmith.predict import select
@@ -95,10 +80,8 @@ def _check_predict_input(model_url: str, options) -> None:
     select(parse_model_url(model_url).manifest(), options.layer)
     gen = get(options.generator)()
     gen.config(options.config)
-    if options.chunk_size:
-        parse_size(options.chunk_size)
-        if options.joint:
-            raise WeightsmithError("--joint", "cannot be combined with --chunk-size")
+    if options.chunk_size and options.joint:
+        raise WeightsmithError("--joint", "cannot be combined with --chunk-size")
 
 
 @user_errors

@@ -25,6 +25,15 @@ spatial order for convolutions to exploit. An MLP with a sinusoidal timestep emb
 (diffusers' `get_timestep_embedding` + `TimestepEmbedding`) fits a latent this small and runs a
 batch of 64 through 20 DDIM steps in milliseconds on a CPU core.
 
+Budget and early stopping (`weightsmith.generators.budget`): the last `val_fraction` of the
+members (a contiguous block: a zoo's members come in training order) are held out when K >= 4;
+the networks train on the others for at most steps_per_member x members steps (twice that for
+the denoiser), between `*_min_steps` and the cap `ae_steps` / `ddpm_steps`, at a constant
+learning rate, and stop when their loss on the held-out members (with noise and timesteps drawn
+once) plateaus, keeping the best weights; `info["ae_fit"]` / `info["ddpm_fit"]` say how each
+ended. The principal directions (step 3a, closed form) use every member. `early_stop=False`
+trains on all members for the whole budget (the previous behaviour with `*_min_steps` at the caps).
+
 Samples are drawn in fixed-size batches (padded), so sample i is bit-identical whatever n is.
 Its noise is one latent per sample, keyed by (seed, i) alone (`sample_seed(seed, i)`): every
 chunk of a tensor drawn with the same seed is a piece of the same whole sample, so spliced
@@ -36,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +68,7 @@ from weightsmith.generators.base import (
     moments,
     sample_seed,
 )
+from weightsmith.generators.budget import FitRecord, Plateau, budget
 
 try:  # an exact assignment where SciPy is installed; a greedy matching otherwise
     from scipy.optimize import linear_sum_assignment
@@ -81,10 +91,19 @@ class ZooDiffusionConfig(GeneratorConfig):
     hidden: int = Field(256, ge=1)  # width of the autoencoder's MLP layers
     input_noise: float = Field(0.001, ge=0)  # p-diff sigma_in, on the normalised weights
     latent_noise: float = Field(0.1, ge=0)  # p-diff sigma_lat, on the latent while training
-    ae_steps: int = Field(1000, ge=1)  # autoencoder optimiser steps
+    ae_steps: int = Field(1000, ge=1)  # most autoencoder optimiser steps (its budget's cap)
+    ae_min_steps: int = Field(300, ge=1)  # floor of the autoencoder's budget
+    steps_per_member: float = Field(4.0, gt=0)  # budget per training member (the denoiser's: twice this)
     denoiser_width: int = Field(256, ge=1)  # width of the MLP denoiser's residual blocks
     denoiser_depth: int = Field(3, ge=1)  # number of residual blocks
-    ddpm_steps: int = Field(2000, ge=1)  # denoiser optimiser steps
+    ddpm_steps: int = Field(2000, ge=1)  # most denoiser optimiser steps (its budget's cap)
+    ddpm_min_steps: int = Field(600, ge=1)  # floor of the denoiser's budget
+    early_stop: bool = True  # hold out members and stop each net at a validation plateau (False: all train)
+    val_fraction: float = Field(0.125, gt=0, lt=1)  # held-out contiguous block: the last members (K >= 4)
+    val_draws: int = Field(256, ge=1)  # (latent, timestep, noise) triples drawn once for the denoiser's validation
+    eval_every: int = Field(25, ge=1)  # optimiser steps between validation checks
+    patience: int = Field(4, ge=1)  # checks in a row without improvement that mean "plateau"
+    min_delta: float = Field(0.01, ge=0)  # relative improvement of the best validation loss that counts
     batch_size: int = Field(200, ge=1)  # training minibatch of both nets (autoencoder: <= K)
     lr: float = Field(1e-3, gt=0)  # AdamW learning rate of both networks
     weight_decay: float = Field(2e-6, ge=0)  # AdamW weight decay (p-diff's value)
@@ -105,6 +124,8 @@ class ZooDiffusion(Generator):
     name = "zoo-diffusion"
     Config = ZooDiffusionConfig
     min_checkpoints = 2
+    version = 2  # 2: data-sized budgets, held-out members, early stopping
+    packs_roles = True  # predict fits small tensors of one role together (weightsmith.predict)
 
     def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, ZooDiffusionConfig)
@@ -146,27 +167,44 @@ class ZooDiffusion(Generator):
         """Steps 3b-5 on the checkpoints' principal coefficients (K, q)."""
         device = torch.device(self.device)
         c = torch.from_numpy(coeffs).to(device)  # (K, q)
+        # the last members (a contiguous block: a zoo's members come in training order) are
+        # held out for validation; the networks train on the rest
+        k = c.shape[0]
+        held = max(1, round(k * config.val_fraction)) if config.early_stop and k >= 4 else 0
+        c_train, c_val = c[: k - held], c[k - held :]  # (K - held, q), (held, q)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)  # module initialisation
             ae = _Autoencoder(c.shape[1], config.hidden, latent).to(device)
             den = _Denoiser(latent, config.denoiser_width, config.denoiser_depth).to(device)
         gen = torch.Generator(device).manual_seed(config.seed)
+        val_gen = torch.Generator(device).manual_seed(config.seed + 1)  # validation draws, once
+        members = k - held
         # 3b. the inner autoencoder, with noise augmentation
-        ae_loss = _train_autoencoder(ae, c, config, gen)
-        # 4. latents centred and scaled to unit std
+        steps = budget(members, config.steps_per_member, config.ae_min_steps, config.ae_steps)
+        ae_fit = _train_autoencoder(ae, c_train, c_val, config, gen, val_gen, steps)
+        # 4. latents centred and scaled to unit std (over the training members)
         with torch.inference_mode():
             z = ae.encoder(c)  # (K, L)
-        z_mean = z.mean(0)
-        z_scale = float((z - z_mean).std()) or 1.0  # 0 only for identical checkpoints
+        z_mean = z[:members].mean(0)
+        z_scale = float((z[:members] - z_mean).std()) or 1.0  # 0 only for identical checkpoints
+        z = (z - z_mean) / z_scale
         # 5. latent DDPM
-        ddpm_loss = _train_denoiser(den, (z - z_mean) / z_scale, config, gen)
+        steps = budget(members, 2 * config.steps_per_member, config.ddpm_min_steps, config.ddpm_steps)
+        ddpm_fit = _train_denoiser(den, z[:members], z[members:], config, gen, val_gen, steps)
         arrays = {
             "latent_mean": z_mean.cpu().numpy().astype(np.float32),  # (L,)
             "latent_scale": np.array(z_scale, dtype=np.float64),
             **_to_arrays("ae.", ae),
             **_to_arrays("den.", den),
         }
-        return arrays, {"latent_scale": z_scale, "ae_loss": ae_loss, "ddpm_loss": ddpm_loss}
+        return arrays, {
+            "latent_scale": z_scale,
+            "ae_loss": ae_fit.train_loss,
+            "ddpm_loss": ddpm_fit.train_loss,
+            "held_out": held,  # members used only for validation
+            "ae_fit": ae_fit.to_dict(),
+            "ddpm_fit": ddpm_fit.to_dict(),
+        }
 
     def _sample(self, state: State, n: int, spec: SampleSpec, seed: int) -> SampleResult:
         self._require_shape(state, spec)
@@ -365,45 +403,119 @@ def _principal_directions(x: np.ndarray, components: int) -> tuple[np.ndarray, n
     return center.astype(np.float32), basis
 
 
-def _train_autoencoder(ae: _Autoencoder, c: torch.Tensor, config: ZooDiffusionConfig, gen: torch.Generator) -> float:
+def _train(
+    module: nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    val_fn: Callable[[], torch.Tensor] | None,
+    steps: int,
+    config: ZooDiffusionConfig,
+) -> FitRecord:
+    """AdamW at a constant rate for at most `steps` steps; stops at a validation plateau.
+
+    Without `val_fn` (no held-out members) it runs all `steps`. With it, the weights of the
+    best validation check are kept.
+    """
+    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    plateau = Plateau(module, config.patience, config.min_delta) if val_fn is not None else None
+    losses, stopped, step = [], "cap", 0
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(val_fn())
+
+    while step < steps:
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(loss.detach())  # no per-step device sync
+        if plateau is not None and step % config.eval_every == 0 and plateau.check(validate(), step) and step < steps:
+            stopped = "plateau"
+            break
+    if plateau is not None:
+        if step % config.eval_every:  # the last steps were not checked yet
+            plateau.check(validate(), step)
+        plateau.restore()
+    return FitRecord(
+        steps=step,
+        budget=steps,
+        stopped=stopped,
+        best_step=plateau.best_step if plateau else step,
+        val_loss=plateau.best if plateau else None,
+        train_loss=float(torch.stack(losses[-max(1, len(losses) // 10) :]).mean()),  # last 10%
+    )
+
+
+def _train_autoencoder(
+    ae: _Autoencoder,
+    c: torch.Tensor,
+    c_val: torch.Tensor,
+    config: ZooDiffusionConfig,
+    gen: torch.Generator,
+    val_gen: torch.Generator,
+    steps: int,
+) -> FitRecord:
     """p-diff's autoencoder objective: reconstruct from noisy inputs and noisy latents.
 
     Noise N(0, s^2 I_D) on the normalised weights is N(0, s^2 I_q) on their coefficients in an
-    orthonormal basis, so it is added to the coefficients c (K, q).
+    orthonormal basis, so it is added to the coefficients c (K, q). Validation: the held-out
+    members c_val with input and latent noise drawn once.
     """
-    opt = torch.optim.AdamW(ae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     k, batch = c.shape[0], min(config.batch_size, c.shape[0])
-    losses = []
-    for _ in range(config.ae_steps):
+
+    def loss(cb: torch.Tensor, in_eps: torch.Tensor, lat_eps: torch.Tensor | None) -> torch.Tensor:
+        z = ae.encoder(cb + config.input_noise * in_eps)  # (B, L)
+        if lat_eps is None:
+            lat_eps = torch.randn(z.shape, generator=gen, device=c.device)
+        return F.mse_loss(ae.decoder(z + config.latent_noise * lat_eps), cb)
+
+    def train_loss() -> torch.Tensor:
         cb = c[torch.randperm(k, generator=gen, device=c.device)[:batch]]  # (B, q)
-        noisy = cb + config.input_noise * torch.randn(cb.shape, generator=gen, device=c.device)
-        z = ae.encoder(noisy)  # (B, L)
-        z = z + config.latent_noise * torch.randn(z.shape, generator=gen, device=c.device)
-        loss = F.mse_loss(ae.decoder(z), cb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())  # no per-step device sync
-    return float(torch.stack(losses[-max(1, len(losses) // 10) :]).mean())  # last 10%
+        return loss(cb, torch.randn(cb.shape, generator=gen, device=c.device), None)
+
+    val_fn = None
+    if c_val.shape[0]:
+        in_eps = torch.randn(c_val.shape, generator=val_gen, device=c.device)
+        lat_eps = torch.randn((c_val.shape[0], ae.encoder[-1].out_features), generator=val_gen, device=c.device)
+        val_fn = lambda: loss(c_val, in_eps, lat_eps)  # noqa: E731
+    return _train(ae, train_loss, val_fn, steps, config)
 
 
-def _train_denoiser(den: _Denoiser, z: torch.Tensor, config: ZooDiffusionConfig, gen: torch.Generator) -> float:
-    """Epsilon prediction: MSE(eps, den(sqrt(a_t) z + sqrt(1 - a_t) eps, t)) (Ho et al. eq. 14)."""
+def _train_denoiser(
+    den: _Denoiser,
+    z: torch.Tensor,
+    z_val: torch.Tensor,
+    config: ZooDiffusionConfig,
+    gen: torch.Generator,
+    val_gen: torch.Generator,
+    steps: int,
+) -> FitRecord:
+    """Epsilon prediction: MSE(eps, den(sqrt(a_t) z + sqrt(1 - a_t) eps, t)) (Ho et al. eq. 14).
+
+    Validation: `val_draws` (held-out latent, timestep, noise) triples drawn once.
+    """
     ddpm, _ = _schedulers(config)
-    opt = torch.optim.AdamW(den.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    k, batch = z.shape[0], config.batch_size
-    losses = []
-    for _ in range(config.ddpm_steps):
+    k, batch, T = z.shape[0], config.batch_size, ddpm.config.num_train_timesteps
+
+    def loss(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(den(ddpm.add_noise(z0, eps, t), t), eps)
+
+    def train_loss() -> torch.Tensor:
         idx = torch.randint(0, k, (batch,), generator=gen, device=z.device)
         z0 = z[idx]  # (B, L)
         eps = torch.randn(z0.shape, generator=gen, device=z.device)
-        t = torch.randint(0, ddpm.config.num_train_timesteps, (batch,), generator=gen, device=z.device)
-        loss = F.mse_loss(den(ddpm.add_noise(z0, eps, t), t), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())  # no per-step device sync
-    return float(torch.stack(losses[-max(1, len(losses) // 10) :]).mean())  # last 10%
+        t = torch.randint(0, T, (batch,), generator=gen, device=z.device)
+        return loss(z0, eps, t)
+
+    val_fn = None
+    if z_val.shape[0]:
+        n = config.val_draws
+        zv = z_val[torch.arange(n, device=z.device) % z_val.shape[0]]  # (n, L)
+        eps = torch.randn(zv.shape, generator=val_gen, device=z.device)
+        t = torch.randint(0, T, (n,), generator=val_gen, device=z.device)
+        val_fn = lambda: loss(zv, eps, t)  # noqa: E731
+    return _train(den, train_loss, val_fn, steps, config)
 
 
 @contextlib.contextmanager
