@@ -130,7 +130,15 @@ def publish_staged(
     lib.write_run(
         done.model,
         facts["run_id"],
-        {**facts, "finished": time.time(), "outcome": done.status, "tensors": len(done.records)},
+        # written: the tensors this run put into the model (staged ones already there are kept)
+        {
+            **facts,
+            "finished": time.time(),
+            "outcome": done.status,
+            "tensors": len(done.records),
+            "written": facts["written"] - done.kept,
+            "skipped": done.kept,
+        },
     )
     return {"status": done.status, "model_url": done.model.url, "tensors": len(done.records)}
 
