@@ -134,7 +134,13 @@ def test_twenty_models_through_the_deployment(tmp_path: Path, use_stack_s3: Call
         for i, source in enumerate(sources):
             prefix = f"lake/models/model-{i:02d}/"
             listing = bucket_client.list_objects_v2(Bucket=stack.bucket, Prefix=prefix, Delimiter="/")
-            revisions = [p["Prefix"] for p in listing.get("CommonPrefixes", [])]
+            # Prefixes that hold objects: a finished staged run deletes its `.staging-<run>/`
+            # objects, but SeaweedFS drops the emptied folder from listings only later.
+            revisions = [
+                p["Prefix"]
+                for p in listing.get("CommonPrefixes", [])
+                if bucket_client.list_objects_v2(Bucket=stack.bucket, Prefix=p["Prefix"], MaxKeys=1).get("KeyCount")
+            ]
             assert len(revisions) == 1, revisions
             model_url = f"s3://{stack.bucket}/{revisions[0].rstrip('/')}"
             model = parse_model_url(model_url)

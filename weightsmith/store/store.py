@@ -155,6 +155,8 @@ class Store:
     def delete(self, prefix: str) -> None:
         """Delete one object or everything below a prefix."""
         path = self.path(prefix)
+        # s3fs lists from its cache: objects written since the last listing would be left behind.
+        self.fs.invalidate_cache(path)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
