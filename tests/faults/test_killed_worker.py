@@ -52,7 +52,9 @@ def api_url() -> str:
 
 def start_flow(source: str, store: str, runner: str, log: Path) -> subprocess.Popen:
     """The extract flow in a process (and session) of its own, on the harness's API server."""
-    env = {**os.environ, "PREFECT_API_URL": api_url(), "PYTHONPATH": str(ROOT)}
+    # INFO: the test reads Prefect's "Finished in state" line, whatever level an earlier test set
+    # in this process's environment (state.configure_prefect sets WARNING for the CLI).
+    env = {**os.environ, "PREFECT_API_URL": api_url(), "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"}
     with open(log, "wb") as out:
         return subprocess.Popen(
             [sys.executable, "-c", FLOW_SCRIPT, source, store, runner],
