@@ -1,6 +1,6 @@
 """Tests for weightsmith.sources.gptq: grouping, settings, unpacking and dequantisation.
 
-Real checks compare against GPTQModel's dequantised goldens in shared/fixtures/gptq; synthetic
+Real checks compare against GPTQModel's dequantised goldens in tests/fixtures/gptq; synthetic
 round trips pack random integers with a deliberately naive bit-by-bit packer written here.
 """
 

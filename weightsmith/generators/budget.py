@@ -63,3 +63,21 @@ class Plateau:
 
     def restore(self) -> None:
         self.module.load_state_dict(self._weights)
+
+
+def finish(
+    plateau: Plateau | None, validate, step: int, steps: int, stopped: str, eval_every: int, train_loss: float
+) -> FitRecord:
+    """End a fit: check the last unchecked steps, restore the best weights, and record the fit."""
+    if plateau is not None:
+        if step % eval_every:  # the last steps were not checked yet
+            plateau.check(validate(), step)
+        plateau.restore()
+    return FitRecord(
+        steps=step,
+        budget=steps,
+        stopped=stopped,
+        best_step=plateau.best_step if plateau else step,
+        val_loss=plateau.best if plateau else None,
+        train_loss=train_loss,
+    )

@@ -63,7 +63,7 @@ from weightsmith.generators.base import (
     device_name,
     standard_normal,
 )
-from weightsmith.generators.budget import FitRecord, Plateau, budget
+from weightsmith.generators.budget import FitRecord, Plateau, budget, finish
 
 _COORDS = 2  # extra UNet input channels: normalised row and column of each pixel
 _RESIDUAL_TILES = 4096  # the residual std is measured on at most this many grid tiles
@@ -410,18 +410,8 @@ def _train(
         if plateau is not None and step % cfg.eval_every == 0 and plateau.check(validate(), step) and step < steps:
             stopped = "plateau"
             break
-    if plateau is not None:
-        if step % cfg.eval_every:  # the last steps were not checked yet
-            plateau.check(validate(), step)
-        plateau.restore()
-    return FitRecord(
-        steps=step,
-        budget=steps,
-        stopped=stopped,
-        best_step=plateau.best_step if plateau else step,
-        val_loss=plateau.best if plateau else None,
-        train_loss=float(np.mean(losses[-max(1, len(losses) // 10) :])),
-    )
+    train_loss = float(np.mean(losses[-max(1, len(losses) // 10) :]))  # the last 10% of steps
+    return finish(plateau, validate, step, steps, stopped, cfg.eval_every, train_loss)
 
 
 def _train_autoencoder(

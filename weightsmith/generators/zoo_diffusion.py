@@ -68,7 +68,7 @@ from weightsmith.generators.base import (
     moments,
     sample_seed,
 )
-from weightsmith.generators.budget import FitRecord, Plateau, budget
+from weightsmith.generators.budget import FitRecord, Plateau, budget, finish
 
 try:  # an exact assignment where SciPy is installed; a greedy matching otherwise
     from scipy.optimize import linear_sum_assignment
@@ -433,18 +433,8 @@ def _train(
         if plateau is not None and step % config.eval_every == 0 and plateau.check(validate(), step) and step < steps:
             stopped = "plateau"
             break
-    if plateau is not None:
-        if step % config.eval_every:  # the last steps were not checked yet
-            plateau.check(validate(), step)
-        plateau.restore()
-    return FitRecord(
-        steps=step,
-        budget=steps,
-        stopped=stopped,
-        best_step=plateau.best_step if plateau else step,
-        val_loss=plateau.best if plateau else None,
-        train_loss=float(torch.stack(losses[-max(1, len(losses) // 10) :]).mean()),  # last 10%
-    )
+    train_loss = float(torch.stack(losses[-max(1, len(losses) // 10) :]).mean())  # the last 10% of steps
+    return finish(plateau, validate, step, steps, stopped, config.eval_every, train_loss)
 
 
 def _train_autoencoder(
