@@ -6,8 +6,8 @@
 Runs `weightsmith demo --size SIZE` twice in a subprocess, with WEIGHTSMITH_HOME set to a
 fresh folder under --out (and WEIGHTSMITH_STORE unset, so the store is in that folder):
 
-1. first run: trains the language model, collects the zoo, runs the pipeline;
-2. cached run: the same home again, so the model and the zoo come from the cache.
+1. first run: trains the base model, makes the fine-tune family (zoo + gold), runs the pipeline;
+2. cached run: the same home again, so the models, zoos and scores come from the cache.
 
 For each run it measures the wall time of the whole command (interpreter start included) and
 peak memory two ways: the peak of the summed RSS of the process tree (psutil, polled every

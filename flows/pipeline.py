@@ -32,6 +32,8 @@ def weightsmith_pipeline(
     samples: int = 2,
     seed: int = 0,
     zoo: str | None = None,
+    reference: str | None = None,
+    fit_seeds: list[int] | None = None,
     joint: bool = False,
     text: str | None = None,
     text_bytes: int | None = None,
@@ -63,12 +65,12 @@ def weightsmith_pipeline(
 
     original = t.assemble.submit(model_url, None, 0, rid, credentials)
     reports, verdicts, summaries = [], [], []
-    plan = predictions_plan(options, zoo_facts(options.store, options.zoo))
+    plan = predictions_plan(options, zoo_facts(options.store, options.zoo), zoo_facts(options.store, options.reference))
     # Every group's predictions start now, so later groups fit while earlier ones are vetted.
     pending = [
         [
             t.predict_run.submit(
-                model_url, rid, gi, group, p.label, p.generator, p.config, options, credentials, p.samples
+                model_url, rid, gi, group, p.label, p.generator, p.config, options, credentials, p.samples, p.fit, p.zoo
             )
             for p in plan
         ]
@@ -77,7 +79,7 @@ def weightsmith_pipeline(
     for gi, group in enumerate(options.layers):
         futures = pending[gi]
         runs = [
-            Run(p.label, p.generator, p.kind, p.config, f.result(), p.samples)
+            Run(p.label, p.generator, p.kind, p.config, f.result(), p.samples, p.fit)
             for p, f in zip(plan, futures, strict=True)
         ]
         generated = [r for r in runs if r.kind == "candidate"]

@@ -27,6 +27,7 @@ def build_zoo(
     base: str | None = None,
     align: str = "none",
     ordered: bool = False,
+    align_to: str | None = None,
     credentials: str | None = None,
 ) -> str:
     """Stack the same tensors of `models` (store model URLs) into zoos/<zoo_id>/; returns the zoo URL.
@@ -44,6 +45,7 @@ def build_zoo(
         base=base,
         align=align,
         ordered=ordered,
+        align_to=align_to,
     )
     plan = t.prepare(options, credentials)
     log.info("%d members, %d stack units", len(plan.members), len(plan.units))

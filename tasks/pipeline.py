@@ -24,9 +24,13 @@ def predict_run(
     options: lib.PipelineOptions,
     credentials: str | None = None,
     samples: int | None = None,
+    fit: int = 0,
+    zoo: str | None = None,
 ) -> str:
     use_credentials(credentials)
-    return lib.predict_group(parse_model_url(model_url), run_id, gi, group, label, generator, config, options, samples)
+    return lib.predict_group(
+        parse_model_url(model_url), run_id, gi, group, label, generator, config, options, samples, fit, zoo
+    )
 
 
 @task(name="novelty-noise-runs", **_POLICY)

@@ -7,7 +7,10 @@ a stage whose artifact is already complete is not redone, so an interrupted run 
 - reports/<run>/report.json (vet).
 Baselines are predictions like any other (the rows of `BASELINE_TABLE`, and `noise` at the
 median novelty of each generator label's samples plus a fixed sweep of radii that reaches 1.5x
-the largest candidate novelty), so the report compares everything on the same data. When a group
+the largest candidate novelty), so the report compares everything on the same data. With a
+`reference` zoo (real models the generators never saw, e.g. held-out fine-tunes) each of its
+models is scored as label "gold", kind "reference": a row to read beside the candidates, never a
+baseline a candidate must beat. When a group
 has a zoo, every label, baseline or generator, fits on the zoo (`prediction.json`'s `training`
 records what each fit saw); deterministic labels are predicted and scored with one sample.
 """
@@ -48,6 +51,8 @@ class PipelineOptions(BaseModel):
     samples: int = Field(2, ge=1)  # candidates per generator and group
     seed: int = Field(0, ge=0)
     zoo: str | None = None  # zoos/<id>/ of the chosen tensors: fit zoo generators on it
+    reference: str | None = None  # zoos/<id>/ of real models kept out of the zoo: scored whole as label "gold"
+    fit_seeds: tuple[int, ...] = Field((0,), min_length=1)  # generators fit once per seed (one label, pooled)
     joint: bool = False  # generators (not baselines) fit a group's same-shape tensors as one stack
     text: str | None = None  # held-out text for lm-perplexity / embedding-similarity
     text_bytes: int | None = Field(None, ge=1)  # score the text's first bytes only (None: all)
@@ -96,8 +101,13 @@ class Planned:
     label: str
     generator: str
     config: dict
-    kind: str  # candidate | baseline
+    kind: str  # candidate | baseline | reference
     samples: int
+    fit: int = 0  # which fit of the label (generators fitted once per `fit_seeds` entry)
+    zoo: str | None = None  # fit on this zoo instead of the options' (the reference)
+
+
+REFERENCE_LABEL = "gold"  # the label of the reference zoo's models
 
 
 @dataclass(frozen=True)
@@ -121,8 +131,15 @@ def zoo_facts(store, zoo: str | None) -> ZooFacts | None:
     return ZooFacts(k=int(manifest["checkpoints"]), ordered=ordered, base=bool(manifest.get("base")))
 
 
-def predictions_plan(options: PipelineOptions, zoo: ZooFacts | None = None) -> list[Planned]:
-    """The predictions of one layer group before noise: the generators, then the baselines.
+def predictions_plan(
+    options: PipelineOptions, zoo: ZooFacts | None = None, reference: ZooFacts | None = None
+) -> list[Planned]:
+    """The predictions of one layer group before noise: the generators, then the baselines,
+    then the reference.
+
+    Each generator is fitted once per `fit_seeds` entry (the seed goes into its config; one
+    seed of 0 leaves the config as given), all under the generator's label, so the statistics
+    pool over fits.
 
     Baselines come from the generator registry's tables: `gaussian` and `permute` always; with a
     zoo of K >= 2 the zoo baselines and their sweeps (`latest`/`extrapolate` for ordered zoos);
@@ -132,9 +149,12 @@ def predictions_plan(options: PipelineOptions, zoo: ZooFacts | None = None) -> l
     from weightsmith.generators import registry
     from weightsmith.vet import baseline_label
 
-    plan = [
-        Planned(g, g, options.generator_config.get(g, {}), "candidate", options.samples) for g in options.generators
-    ]
+    plan = []
+    for g in options.generators:
+        config = options.generator_config.get(g, {})
+        for fit, seed in enumerate(options.fit_seeds):
+            fit_config = config if options.fit_seeds == (0,) else {**config, "seed": seed}
+            plan.append(Planned(g, g, fit_config, "candidate", options.samples, fit))
     runs = [registry.BaselineRun(name, {}, False) for name in registry.BASELINES if name != "noise"]
     if zoo is not None:
         runs += registry.zoo_baselines(zoo.k, zoo.ordered)
@@ -143,6 +163,12 @@ def predictions_plan(options: PipelineOptions, zoo: ZooFacts | None = None) -> l
     for run in runs:
         samples = 1 if run.deterministic else options.samples
         plan.append(Planned(baseline_label(run.generator, run.config), run.generator, run.config, "baseline", samples))
+    if reference is not None:  # every reference model, once: a copy of member i for sample i
+        plan.append(
+            Planned(
+                REFERENCE_LABEL, "zoo-member", {"pick": "in-order"}, "reference", reference.k, zoo=options.reference
+            )
+        )
     return plan
 
 
@@ -156,15 +182,17 @@ def predict_group(
     config: dict,
     options: PipelineOptions,
     samples: int | None = None,
+    fit: int = 0,
+    zoo: str | None = None,
 ) -> str:
     """One prediction run (reused when complete); returns its run id.
 
     Every label fits on the group's zoo when there is one: baselines and generators see the same
-    examples.
+    examples. `zoo` overrides it (the reference); `fit` numbers a label's fits.
     """
     from weightsmith.predict import PREDICTION, PredictOptions, predict
 
-    pred_id = f"{run_id}-g{gi}-{_slug(label)}"
+    pred_id = f"{run_id}-g{gi}-{_slug(label)}" + (f"-f{fit}" if fit else "")
     if model.store.exists(model.key("predictions", pred_id, PREDICTION)):
         return pred_id
     model.store.delete(model.key("predictions", pred_id))  # leftovers of an interrupted try
@@ -179,7 +207,7 @@ def predict_group(
             samples=options.samples if samples is None else samples,
             seed=options.seed,
             device=options.device,
-            zoo=options.zoo,
+            zoo=zoo or options.zoo,
             joint=joint,
             images=options.images,
             run_id=pred_id,
@@ -249,9 +277,12 @@ def run_group(
 ) -> list[Run]:
     """Predictions of one group: generators, the baseline table, then noise at their novelties."""
     runs = []
-    for p in predictions_plan(options, zoo_facts(model.store, options.zoo)):
-        pred_id = predict_group(model, run_id, gi, group, p.label, p.generator, p.config, options, p.samples)
-        runs.append(Run(p.label, p.generator, p.kind, p.config, pred_id, p.samples))
+    plan = predictions_plan(options, zoo_facts(model.store, options.zoo), zoo_facts(model.store, options.reference))
+    for p in plan:
+        pred_id = predict_group(
+            model, run_id, gi, group, p.label, p.generator, p.config, options, p.samples, p.fit, p.zoo
+        )
+        runs.append(Run(p.label, p.generator, p.kind, p.config, pred_id, p.samples, p.fit))
         say(f"predicted: group {gi} {p.label}")
     for run in noise_runs(model, run_id, gi, group, [r for r in runs if r.kind == "candidate"], options):
         runs.append(run)
@@ -287,7 +318,10 @@ def noise_runs(
     if generated:
         first = model.store.read_json(model.key("predictions", generated[0].pred_id, "prediction.json"))
         examples = group_examples(model, list(first["tensors"]), options.zoo)
-        medians = {r.label: _median(sample_novelties(model, r.pred_id, examples)) for r in generated}
+        pooled: dict[str, list[float]] = {}  # a label's fits together
+        for r in generated:
+            pooled.setdefault(r.label, []).extend(sample_novelties(model, r.pred_id, examples))
+        medians = {label: _median(values) for label, values in pooled.items()}
     runs = []
     for r in noise_radii_for(medians, tuple(options.noise_radii)):
         config = {"radius": float(r)}

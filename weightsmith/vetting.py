@@ -34,10 +34,11 @@ class Run:
 
     label: str
     generator: str
-    kind: str  # candidate | baseline
+    kind: str  # candidate | baseline | reference
     config: dict
     pred_id: str
     samples: int
+    fit: int = 0  # which fit of the label made it
 
 
 def local_folder(model: ModelRef, key: str) -> str:
@@ -116,7 +117,13 @@ def vet_group(
             folder = local_folder(model, model.key("candidates", f"{run.pred_id}-s{s}"))
             entries.append(
                 Entry(
-                    label=run.label, kind=run.kind, generator=run.generator, sample=s, folder=folder, params=run.config
+                    label=run.label,
+                    kind=run.kind,
+                    generator=run.generator,
+                    sample=s,
+                    folder=folder,
+                    params=run.config,
+                    fit=run.fit,
                 )
             )
     text_value = read_text(text, options.text_bytes) if text else ""

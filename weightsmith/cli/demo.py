@@ -16,7 +16,7 @@ def demo(
     size: Annotated[str, typer.Option(help="full (about 10 minutes first, cached after) or tiny.")] = "full",
     no_prefect: NoPrefectOpt = False,
 ) -> None:
-    """The main job: train a small GPT-2 offline, collect a zoo, run the pipeline, print the report."""
+    """The main job: train a small GPT-2 offline, fine-tune one block into a zoo, run the pipeline, print the report."""
     from weightsmith.demo.run import run_demo
 
     run_demo(store or state.default_store(), size=size, console=err, runner=None if no_prefect else _flow_runner)

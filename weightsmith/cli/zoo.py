@@ -36,6 +36,10 @@ def build(
     ordered: Annotated[
         bool, typer.Option("--ordered", help="The members are a sequence (one run's checkpoints).")
     ] = False,
+    align_to: Annotated[
+        str | None,
+        typer.Option("--align-to", help="With --align permutation: match this model's units, not the first member's."),
+    ] = None,
     store: Annotated[
         str | None, typer.Option("--store", help="Where the zoo goes (default: the first member's store).")
     ] = None,
@@ -54,6 +58,7 @@ def build(
         base=base,
         align=align,
         ordered=ordered,
+        align_to=align_to,
     )
     if no_prefect:
         result = build_zoo(options)
@@ -73,6 +78,7 @@ def build(
         base=base,
         align=align,
         ordered=ordered,
+        align_to=align_to,
     )
     print(json.dumps({"zoo_url": url}) if as_json else url)
 

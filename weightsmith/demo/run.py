@@ -1,13 +1,16 @@
 """The main job (`weightsmith demo`, `make demo`), offline, on the embedded default.
 
 1. Train a small GPT-2-architecture model (byte-level vocabulary of 256) on Python's standard
-   library sources to a plateau; cached in the state folder, so later runs skip it.
-2. Collect a zoo of a few hundred checkpoints of the chosen tensors (LayerNorms and one block's
-   attention weights): continued training with everything else frozen, noisy learning rate.
-3. Run the pipeline on it (extract -> zoo-diffusion and tile-diffusion -> baselines ->
-   assemble -> vet on held-out text) for two layer groups, and print the report. The generators
-   fit same-shape tensors jointly (`joint`): all LayerNorm vectors as one (n, width) stack.
-`--size tiny` runs the same steps on a smaller model in under two minutes.
+   library sources to a plateau: the base model; cached in the state folder.
+2. Choose the predicted group: one MLP block and its LayerNorm, where replacing the weights by
+   Gaussian draws of their own statistics costs at least 0.05 nats/byte of held-out NLL.
+3. Make a family of that group (`weightsmith.demo.family`): K fine-tunes of the base, each on
+   one slice of the standard library (the files of one package), and 2 more kept out as the gold
+   reference; all extracted into the store, the K built into a zoo with the base model.
+4. Run the pipeline on it (extract -> zoo-diffusion, tile-diffusion and every baseline fitted
+   on the zoo -> assemble -> vet on equal bytes of held-out text from each slice; the gold
+   fine-tunes scored as the `gold` row) and print the report.
+`--size tiny` runs the same steps on a smaller model in about two minutes.
 """
 
 from __future__ import annotations
@@ -26,13 +29,11 @@ if TYPE_CHECKING:
 PipelineRunner = Callable[[str, "PipelineOptions"], "PipelineResult"]  # (source, options) -> result
 
 
-# Per demo size: zoo checkpoints, steps between them, and the generators' options.
+# Per demo size: the family (see weightsmith.demo.family.FamilyPlan) and the generators' options.
 DEMO = {
     "tiny": {
-        "checkpoints": 48,
-        "every": 2,
+        "family": {"members": 4, "gold": 2, "steps": 30, "per_slice": 1_000},
         "samples": 4,  # per label (deterministic baselines: 1); the ensemble NLL uses M = 4
-        "text_bytes": 16_000,  # of the held-out text scored (benchmarks score all of it)
         "generator_config": {
             "zoo-diffusion": {
                 "ae_steps": 150,
@@ -54,24 +55,20 @@ DEMO = {
         },
     },
     "full": {
-        "checkpoints": 256,
-        "every": 2,
+        # K = 6 fine-tunes of 100 steps and 2 gold; 2 kB of held-out text per slice (16 kB scored;
+        # benchmarks score more). Sized for a first run under 12 min on 2 cores (bench/demo.py).
+        "family": {"members": 6, "gold": 2, "steps": 100, "per_slice": 2_000},
         "samples": 4,
-        "text_bytes": 16_000,  # sized for a first run under 12 min on 2 cores (check with bench/demo.py)
         "generator_config": {
             "zoo-diffusion": {"ae_steps": 600, "ddpm_steps": 1200},
             "tile-diffusion": {"ae_train_steps": 120, "unet_train_steps": 240, "batch_size": 32},
         },
     },
 }
-LAYER_GROUPS = (
-    ("transformer.h.*.ln_*", "transformer.ln_f.*"),
-    ("transformer.h.1.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"),
-)
 
 
 def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunner | None = None) -> dict:
-    """Train (once), collect a zoo (once), run the pipeline, print the report; returns a summary.
+    """Train (once), make the family (once), run the pipeline, print the report; returns a summary.
 
     `runner(source, options)` runs the pipeline: the library's `run_pipeline` by default (no
     Prefect); the CLI passes one that runs the `weightsmith-pipeline` flow.
@@ -79,17 +76,17 @@ def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunne
     import torch
     from transformers.utils import logging as hf_logging
 
-    from weightsmith.demo.train import SPECS, collect_zoo, train_lm
+    from weightsmith.demo.family import FamilyPlan, build_family
+    from weightsmith.demo.train import SPECS, train_lm
     from weightsmith.errors import WeightsmithError
     from weightsmith.pipeline import PipelineOptions, run_pipeline
     from weightsmith.store import Store
-    from weightsmith.zoo import read_zoo, write_zoo
 
     if size not in DEMO:
         raise WeightsmithError("--size", f"unknown size {size!r} (choose from {', '.join(DEMO)})")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    # Training and the zoo run alone: up to 4 threads (2 threads: 1.6x faster per step than 1 here).
+    # Training and fine-tuning run alone: up to 4 threads (2 threads: 1.6x faster per step than 1 here).
     # The pipeline runs its tasks in parallel threads: one torch thread each, or OpenMP
     # oversubscribes the cores (measured 5-20x slower for these small models).
     torch.set_num_threads(min(4, len(os.sched_getaffinity(0))))
@@ -97,50 +94,50 @@ def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunne
     started = time.time()
     spec, plan = SPECS[size], DEMO[size]
 
-    folder = state.cache_dir() / f"demo-lm-{size}"
-    say(f"1/3 language model: GPT-2 architecture, {spec.layers} layers x {spec.width}, bytes as tokens")
+    folder = state.cache_dir() / f"demo-base-{size}"
+    say(f"1/4 base model: GPT-2 architecture, {spec.layers} layers x {spec.width}, bytes as tokens")
     with _bar(console, "train", spec.max_steps) as advance:
         facts = train_lm(folder, spec, progress=lambda step, total, nll: advance(step, f"held-out {nll:.3f} nats/byte"))
     say(
         f"    {facts['steps']} steps, held-out NLL {facts['heldout_nll_per_byte']:.3f} nats/byte "
         f"({'plateau' if facts.get('plateau') else 'step cap'}); cached in {folder}"
     )
-
-    zoo_id = f"demo-{size}-k{plan['checkpoints']}-ordered"  # one run's checkpoints, first to last
-    store_obj = Store(store)
-    store_obj.check_writable()
-    patterns = tuple(p for group in LAYER_GROUPS for p in group)
-    try:
-        read_zoo(store_obj, zoo_id)
-        say(f"2/3 zoo {zoo_id}: already in the store")
-    except (WeightsmithError, FileNotFoundError):
-        say(f"2/3 zoo: {plan['checkpoints']} checkpoints of {len(patterns)} tensor patterns (others frozen)")
-        with _bar(console, "zoo", plan["checkpoints"]) as advance:
-            stacks = collect_zoo(
-                folder, patterns, plan["checkpoints"], every=plan["every"], progress=lambda k, total: advance(k, "")
-            )
-        write_zoo(store_obj, zoo_id, stacks, attrs={"model": str(folder), "every": plan["every"], "ordered": True})
+    Store(store).check_writable()
+    family_plan = FamilyPlan(**plan["family"])
+    total = family_plan.members + family_plan.gold
+    say(
+        f"2/4 family: {family_plan.members} fine-tunes of one MLP block for the zoo + {family_plan.gold} gold, "
+        f"{family_plan.steps} steps each, one standard-library package each"
+    )
+    with _bar(console, "fine-tune", total) as advance:
+        family = build_family(store, folder, family_plan, zoo_seed=0, progress=lambda k, n: advance(k, ""))
+    cost = family.costs[family.block]
+    say(
+        f"3/4 group: block {family.block} ({', '.join(family.patterns)}); Gaussian replacement costs "
+        f"{cost:.3f} nats/byte; zoo {family.zoo} ({', '.join(family.slices[: family_plan.members])}), "
+        f"gold {', '.join(family.slices[family_plan.members :])}"
+    )
 
     torch.set_num_threads(1)
-    say("3/3 pipeline: extract -> zoo-diffusion, tile-diffusion and baselines -> assemble -> vet")
+    say("4/4 pipeline: extract -> zoo-diffusion, tile-diffusion and baselines -> assemble -> vet")
     options = dict(
         store=store,
-        name=f"demo-lm-{size}",
+        name=folder.name,
         stages=("extract", "predict", "weight-stats", "lm-eval"),
-        layers=LAYER_GROUPS,
+        layers=(family.patterns,),
         generators=("zoo-diffusion", "tile-diffusion"),
         generator_config=plan["generator_config"],
         samples=plan["samples"],
-        zoo=zoo_id,
+        zoo=family.zoo,
+        reference=family.gold,
         joint=True,
-        text=str(folder / "heldout.txt"),
-        text_bytes=plan["text_bytes"],
+        text=family.text,
         images="preview",
     )
     runner = runner or (lambda source, opts: run_pipeline(source, opts, say=lambda m: None))
     result = runner(str(folder), PipelineOptions(**options))
     model_url, reports, verdicts = result.model_url, result.reports, result.summary
-    _print_reports(store_obj, reports, say)
+    _print_reports(Store(store), reports, say)
     summary = {"model_url": model_url, "reports": reports, "seconds": round(time.time() - started, 1)}
     say("\n".join(["", "verdicts:", *[f"  {v}" for v in verdicts]]))
     say(json.dumps(summary, indent=1))
@@ -157,11 +154,11 @@ def _print_reports(store, reports: list[str], say) -> None:
         say(f"  group {gi}: {_summary_line(report.get('summary') or {})}")
         labels = (report.get("statistics") or {}).get("labels") or []
         metric = report.get("primary", {}).get("metric", "")
-        say(f"  {'label':28s} {'n':>3s} {metric + ' ± SE':>34s} {'novelty':>9s} {'functional':>10s}")
+        say(f"  {'label':32s} {'n':>3s} {metric + ' ± SE':>34s} {'novelty':>9s} {'functional':>10s}")
         for x in labels:
             mean = f"{_f(x.get('mean'))} ± {_f(x.get('se'))}"
             novelty, functional = _f(x.get("novelty")), _f(x.get("functional_novelty"))
-            say(f"  {x['label']:28s} {x['samples']:>3d} {mean:>34s} {novelty:>9s} {functional:>10s}")
+            say(f"  {x['label']:32s} {x['samples']:>3d} {mean:>34s} {novelty:>9s} {functional:>10s}")
 
 
 def _summary_line(s: dict) -> str:

@@ -59,6 +59,14 @@ SPECS = {
 }
 
 
+HELDOUT_EVERY = 5  # one file in 5 (by its name's hash) is held out
+
+
+def heldout_file(rel: str) -> bool:
+    """Whether a standard-library file (path relative to the library) is held out: fixed by its name."""
+    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0
+
+
 def corpus(train_bytes: int, heldout_bytes: int) -> tuple[bytes, bytes]:
     """(train, held-out) bytes from the standard library's .py files, split by file name hash."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -67,7 +75,7 @@ def corpus(train_bytes: int, heldout_bytes: int) -> tuple[bytes, bytes]:
         rel = path.relative_to(root).as_posix()
         if "site-packages" in rel or "test" in rel.split("/")[0]:
             continue
-        held_out = int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 10 == 0
+        held_out = heldout_file(rel)
         target = held if held_out else train
         if len(target) >= (heldout_bytes if held_out else train_bytes):
             if len(train) >= train_bytes and len(held) >= heldout_bytes:

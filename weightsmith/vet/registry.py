@@ -38,7 +38,7 @@ EVALUATORS: dict[str, str] = {
     "weight-stats": "weightsmith.vet.weight_stats:WeightStats",
 }
 
-Kind = Literal["original", "candidate", "baseline"]
+Kind = Literal["original", "candidate", "baseline", "reference"]  # reference: real models, never a baseline
 Better = Literal["lower", "higher"]  # which direction of a metric is better
 
 # files whose presence means the model folder brings its own tokenizer
@@ -60,7 +60,7 @@ class Entry:
     """
 
     label: str  # group name shown in the report; samples of one generator config share it
-    kind: Kind  # original | candidate | baseline
+    kind: Kind  # original | candidate | baseline | reference
     generator: str  # registry name of the generator that made it ("original" for the original)
     sample: int  # sample index within the label
     folder: Path  # Hugging Face layout: config.json + model.safetensors (or a sharded index)
@@ -73,7 +73,7 @@ class Entry:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "folder", Path(self.folder))
-        if self.kind not in ("original", "candidate", "baseline"):
+        if self.kind not in ("original", "candidate", "baseline", "reference"):
             raise WeightsmithError(self.label, f"unknown entry kind {self.kind!r}")
 
     @property

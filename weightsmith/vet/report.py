@@ -248,6 +248,18 @@ class Report:
             "fits": s.fits,
             "baseline_samples": {x.label: x.samples for x in self.labels if x.kind == "baseline"},
             "candidates": {d.label: d.verdict for d in self.decisions},
+            # real models kept out of the zoo, read beside the candidates (never a baseline)
+            "reference": {
+                x.label: {
+                    "mean": x.mean,
+                    "se": x.se,
+                    "novelty": x.novelty,
+                    "functional_novelty": x.functional_novelty,
+                    "samples": x.samples,
+                }
+                for x in self.labels
+                if x.kind == "reference"
+            },
         }
 
     def summary_line(self) -> str:
@@ -619,7 +631,7 @@ def frontier(entries: Sequence[EntryResult], primary: str, better: str) -> list[
     ]
     for e in entries:
         status = None
-        if e.kind != "original" and _finite(e, primary):
+        if e.kind in ("candidate", "baseline") and _finite(e, primary):  # a reference is not rated
             n, s = e.metric(NOVELTY), _score(e.metric(primary), better)
             dominated = any(bn >= n and bs > s for bn, bs in baselines)
             if e.kind == "candidate":

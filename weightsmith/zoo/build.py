@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -46,6 +47,8 @@ class ZooOptions(BaseModel):
     include: tuple[str, ...] = ()  # glob patterns over tensor names; empty: every tensor
     base: str | None = None  # the model the members were fine-tuned from (kept beside the stacks)
     align: Literal["none", "permutation"] = "none"  # permute MLP hidden units to match member 0
+    # with align: match this model's units instead of member 0's (e.g. held-out models aligned to a zoo's member 0)
+    align_to: str | None = None
     ordered: bool = False  # the members are a sequence (checkpoints of one run), not a set
 
 
@@ -84,6 +87,7 @@ class ZooPlan:
     base: Member | None
     units: tuple[StackUnit, ...]
     fingerprint: str  # of the members, base, alignment and selection: stacks carrying it are complete
+    align_to: Member | None = None  # the model aligned units match (None: member 0)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,14 @@ def prepare(options: ZooOptions) -> ZooPlan:
         problem = first_difference(want, select_tensors(base, manifest, options.include), members[0].url)
         if problem:
             raise WeightsmithError(base.url, f"(the base model) {problem}")
+    reference = None
+    if options.align_to:
+        if options.align != "permutation":
+            raise WeightsmithError("--align-to", "needs --align permutation")
+        reference, manifest = member_of(options.align_to)
+        problem = first_difference(want, select_tensors(reference, manifest, options.include), members[0].url)
+        if problem:
+            raise WeightsmithError(reference.url, f"(--align-to) {problem}")
     units = _units(want, options.align)
     store = options.store or parse_model_url(options.models[0]).store.url
     fingerprint = hashlib.sha256(
@@ -167,12 +179,13 @@ def prepare(options: ZooOptions) -> ZooPlan:
                 "members": [asdict(m) for m in members],
                 "base": asdict(base) if base else None,
                 "align": options.align,
+                **({"align_to": asdict(reference)} if reference else {}),
                 "tensors": [[n, list(s)] for n, s in want.items()],
             },
             sort_keys=True,
         ).encode()
     ).hexdigest()
-    plan = ZooPlan(options, store, tuple(members), base, units, fingerprint)
+    plan = ZooPlan(options, store, tuple(members), base, units, fingerprint, reference)
     existing = _existing(plan)
     if existing is not None and existing.get("fingerprint") != fingerprint:
         raise WeightsmithError(
@@ -252,14 +265,15 @@ def build_unit(plan: ZooPlan, unit: StackUnit) -> int:
     extra = {"fingerprint": plan.fingerprint}
     # Member by member: each of the unit's stacks gets row k, then member k is dropped.
     writers = [StackWriter(store, key, n, (k, *s)) for key, n, s in zip(keys, unit.names, unit.shapes, strict=True)]
-    for values in _aligned(unit, list(plan.members)):
+    ref = [plan.align_to] if plan.align_to is not None and unit.axes is not None else []
+    for values in itertools.islice(_aligned(unit, ref + list(plan.members)), len(ref), None):
         for writer, v in zip(writers, values, strict=True):
             writer.append(v[None])
     for writer in writers:
         writer.finish(extra)
     if plan.base:
         # The base is aligned to member 0 like a member, so deltas are taken unit by unit.
-        models = [plan.members[0], plan.base] if unit.axes is not None else [plan.base]
+        models = [plan.align_to or plan.members[0], plan.base] if unit.axes is not None else [plan.base]
         values = list(_aligned(unit, models))[-1]
         for key, name, shape, v in zip(bases, unit.names, unit.shapes, values, strict=True):
             write_stack(store, key, name, (1, *shape), [v[None]], extra)
@@ -294,6 +308,7 @@ def publish(plan: ZooPlan) -> dict:
         "base": {**asdict(plan.base), "tensors": records(base_key)} if plan.base else None,
         "ordered": plan.options.ordered,
         "align": plan.options.align,
+        **({"align_to": asdict(plan.align_to)} if plan.align_to else {}),
         "include": list(plan.options.include),
         "fingerprint": plan.fingerprint,
     }
