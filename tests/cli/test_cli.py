@@ -272,39 +272,52 @@ def test_restore_sharded_into_a_folder(home: Path, fixtures_dir: Path, tmp_path:
 
 @pytest.mark.slow
 def test_demo_tiny_runs_every_stage_end_to_end(home: Path, tmp_path: Path) -> None:
-    """The main job at tiny size: train, zoo, extract, predict, assemble, vet, report."""
+    """The main job at tiny size: base model, fine-tune family, extract, predict, assemble, vet, report."""
     run = cli("demo", "--size", "tiny", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     url = last_line(run.stdout)
-    assert url.startswith(str(home / "store" / "models" / "demo-lm-tiny"))
+    assert url.startswith(str(home / "store" / "models" / "demo-base-tiny"))
     assert verify(url).ok
     model = parse_model_url(url)
     assert "transformer.wte.weight" in model.manifest()["tensors"]
     reports = model.store.list(model.key("reports"))
-    for group in ("g0", "g1"):
-        report = [k for k in reports if k.endswith(f"-{group}/report.json")]
-        assert report, reports
-        data = model.store.read_json(report[0])
-        labels = {e["label"] for e in data["entries"]}
-        assert {
-            "original",
-            "zoo-diffusion",
-            "tile-diffusion",
-            "gaussian",
-            "permute",
-            "average(k=2)",
-            "coord-gaussian",
-            "pca-gaussian(scale=1)",
-            "zoo-member",
-            "latest",
-        } <= labels
-        assert any(label.startswith("noise(") for label in labels)
-        assert data["verdicts"] and all(v["sentence"] for v in data["verdicts"])
-        assert data["summary"]["best_candidate"] in {"zoo-diffusion", "tile-diffusion"}
-        md = model.store.read_bytes(report[0].replace("report.json", "report.md")).decode()
-        assert "plots/frontier.png" in md
-    for group in ("group 0: best ", "group 1: best "):  # one summary line per group
-        assert group in run.stderr, run.stderr[-2000:]
+    report = [k for k in reports if k.endswith("-g0/report.json")]
+    assert report and not [k for k in reports if k.endswith("-g1/report.json")], reports  # one group
+    data = model.store.read_json(report[0])
+    entries = data["entries"]
+    labels = {e["label"] for e in entries}
+    assert {
+        "original",
+        "zoo-diffusion",
+        "tile-diffusion",
+        "gaussian",
+        "permute",
+        "average(k=2)",
+        "coord-gaussian",
+        "pca-gaussian(scale=1)",
+        "zoo-member",
+        "task-arithmetic",
+        "ties(density=0.5)",
+        "gold",
+    } <= labels
+    assert "latest" not in labels  # fine-tunes of one base are a set, not a sequence
+    assert any(label.startswith("noise(") for label in labels)
+    # the gold fine-tunes: both scored, as references (never a baseline), not copies of the zoo
+    gold = [e for e in entries if e["label"] == "gold"]
+    assert len(gold) == 2 and {e["kind"] for e in gold} == {"reference"}
+    summary = data["summary"]
+    assert summary["reference"]["gold"]["samples"] == 2 and summary["reference"]["gold"]["novelty"] > 0
+    assert "gold" not in summary["baseline_samples"]
+    assert data["verdicts"] and all(v["sentence"] for v in data["verdicts"])
+    assert summary["best_candidate"] in {"zoo-diffusion", "tile-diffusion"}
+    # the predicted group: one MLP block and its LayerNorm
+    pred = [k for k in model.store.list(model.key("predictions")) if k.endswith("-zoo-diffusion/prediction.json")]
+    tensors = list(model.store.read_json(pred[0])["tensors"])
+    assert len(tensors) == 6 and all(".ln_2." in n or ".mlp." in n for n in tensors), tensors
+    md = model.store.read_bytes(report[0].replace("report.json", "report.md")).decode()
+    assert "plots/frontier.png" in md
+    assert "group 0: best " in run.stderr, run.stderr[-2000:]  # the summary line
+    assert "gold" in run.stderr and "3/4 group: block" in run.stderr
     assert "verdicts:" in run.stderr
     assert not (tmp_path / ".weightsmith").exists()
 

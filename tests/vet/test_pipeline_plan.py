@@ -41,3 +41,29 @@ def test_plan_with_a_zoo_gives_every_registered_baseline() -> None:
     assert not unordered & {"latest", "extrapolate(t=1)", "task-arithmetic", "ties(density=0.2)"}
     small = {p.label for p in predictions_plan(options, ZooFacts(k=3, ordered=False, base=True))}
     assert "average(k=4)" not in small and "task-arithmetic(k=4)" not in small  # subsets the zoo cannot give
+
+
+def test_fit_seeds_fit_each_generator_once_per_seed_under_one_label() -> None:
+    options = PipelineOptions(
+        store="/tmp/x",
+        generators=("zoo-diffusion",),
+        generator_config={"zoo-diffusion": {"hidden": 8}},
+        samples=4,
+        fit_seeds=(0, 1, 2),
+    )
+    fits = [p for p in predictions_plan(options) if p.kind == "candidate"]
+    assert [(p.label, p.fit, p.config) for p in fits] == [
+        ("zoo-diffusion", i, {"hidden": 8, "seed": s}) for i, s in enumerate((0, 1, 2))
+    ]
+    one = [p for p in predictions_plan(options.model_copy(update={"fit_seeds": (0,)})) if p.kind == "candidate"]
+    assert [(p.fit, p.config) for p in one] == [(0, {"hidden": 8})]  # one seed of 0: the config as given
+
+
+def test_a_reference_zoo_is_scored_whole_as_gold_never_as_a_baseline() -> None:
+    options = PipelineOptions(store="/tmp/x", generators=("zoo-diffusion",), samples=4, zoo="z", reference="gold-z")
+    plan = predictions_plan(options, ZooFacts(k=6, ordered=False, base=True), ZooFacts(k=2, ordered=False, base=True))
+    gold = [p for p in plan if p.label == "gold"]
+    assert len(gold) == 1 and gold[0].kind == "reference" and gold[0].zoo == "gold-z"
+    assert gold[0].samples == 2 and gold[0].generator == "zoo-member" and gold[0].config == {"pick": "in-order"}
+    assert all(p.zoo is None for p in plan if p.label != "gold")  # everything else fits on the zoo
+    assert "gold" not in {p.label for p in predictions_plan(options, ZooFacts(k=6, ordered=False, base=True))}

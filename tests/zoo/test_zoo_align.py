@@ -50,6 +50,29 @@ def test_an_aligned_member_computes_the_same_function(tmp_path: Path, make) -> N
     assert np.abs(logits(member, mixed, tokens) - before).max() > 1e-3 * np.abs(before).max()
 
 
+def test_align_to_matches_a_model_outside_the_zoo(tmp_path: Path) -> None:
+    """Held-out models aligned to a zoo's member 0 (--align-to): every member, the first too, is
+    permuted to the outside model's order of units, and computes what it computed before."""
+    store = str(tmp_path / "store")
+    values = [state(gpt2(seed)) for seed in (0, 1, 2)]
+    urls = [store_model(v, tmp_path / "src", f"m{i}", store) for i, v in enumerate(values)]
+    build_zoo(ZooOptions(zoo_id="gold", models=tuple(urls[1:]), align="permutation", align_to=urls[0]))
+    manifest = read_zoo(Store(store), "gold")
+    assert manifest["align_to"]["url"] == urls[0] and manifest["checkpoints"] == 2
+    names = mlp_names(values[0])
+    stacks = {n: read_zoo_tensor(Store(store), "gold", n) for n in names}
+    build_zoo(ZooOptions(zoo_id="self", models=tuple(urls[1:]), align="permutation"))  # to their own first
+    alone = {n: read_zoo_tensor(Store(store), "self", n) for n in names}
+    assert any(not np.array_equal(stacks[n][0], values[1][n]) for n in names), "member 0 was not aligned"
+    assert any(not np.array_equal(stacks[n], alone[n]) for n in names)
+    model, tokens = gpt2(1), torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(5))
+    aligned = {**values[1], **{n: stacks[n][0] for n in names}}
+    before = logits(model, values[1], tokens)
+    assert np.abs(logits(model, aligned, tokens) - before).max() <= 1e-5 * np.abs(before).max()
+    with pytest.raises(WeightsmithError, match="needs --align permutation"):
+        build_zoo(ZooOptions(zoo_id="bad", models=tuple(urls[1:]), align_to=urls[0]))
+
+
 def test_a_permuted_copy_is_recovered_exactly() -> None:
     rng = np.random.default_rng(0)
     fc, bias, proj = rng.standard_normal((8, 24)), rng.standard_normal(24), rng.standard_normal((24, 8))
