@@ -97,6 +97,12 @@ def run(
     samples: Annotated[int, typer.Option(help="Candidates per generator and group.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of every generator and baseline.")] = 0,
     zoo: Annotated[str | None, typer.Option(help="zoos/<id>/ to fit zoo generators on.")] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="zoos/<id>/ of real models kept out of the zoo: scored whole as 'gold'.")
+    ] = None,
+    fit_seed: Annotated[
+        list[int] | None, typer.Option("--fit-seed", help="Fit each generator once per seed (repeatable; pooled).")
+    ] = None,
     joint: Annotated[
         bool, typer.Option("--joint", help="Generators fit a group's same-shape tensors as one stack.")
     ] = False,
@@ -119,6 +125,8 @@ def run(
         samples=samples,
         seed=seed,
         zoo=zoo,
+        reference=reference,
+        fit_seeds=tuple(fit_seed or (0,)),
         joint=joint,
         text=text,
         device=device,
