@@ -245,3 +245,16 @@ def test_predict_joint_fits_a_block_as_one_group(block_zoo: tuple[str, dict[str,
     gen = get("zoo-diffusion")()
     assert gen.fingerprint(grouped, TINY) != gen.fingerprint(stacked, TINY)
     np.testing.assert_array_equal(grouped.values, stacked.values.reshape(6, -1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_group_fitted_on_cpu_samples_on_cuda() -> None:
+    ex, _ = factor_zoo()
+    group = group_examples([ex["ln"], ex["a"], ex["b"]])
+    state = get("zoo-diffusion")().fit(group, TINY)
+    cpu = get("zoo-diffusion")().sample(state, 3, SampleSpec(group.shape), seed=0).arrays
+    result = get("zoo-diffusion")(device="cuda").sample(state, 3, SampleSpec(group.shape), seed=0)
+    assert result.devices == ["cuda:0"] * 3
+    for a, b in zip(result.arrays, cpu, strict=True):  # per-piece de-normalisation on the GPU
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(b).max()))

@@ -25,6 +25,10 @@ Randomness (SAMPLING_VERSION 2). Every random number is a pure function of the r
 Version 1 keyed everything by (seed, sample, chunk offset) only, so every tensor of a sample
 drew the same numbers; predictions record the version (predict.py) so none of them is reused.
 
+A group (`group_examples`: tensors of any shapes, one flat (K, D) vector per checkpoint, with
+`parts` and `sizes`) is fitted only by generators that set `fits_groups` (zoo-diffusion);
+`split_group` cuts a sample back into its tensors. Stacks and groups differ in fingerprint.
+
 A `State` is numpy arrays plus JSON; `state_to_bytes` / `state_from_bytes` store it as an
 .npz without pickle. `Generator.fingerprint(examples, config)` names the inputs of a fit, so a
 caller can reuse a stored state while they are unchanged.

@@ -22,7 +22,9 @@ into one vector per checkpoint (`group_examples`, which `predict` uses for `join
    The latent width L is what the zoo supports: the fewest principal components whose share of
    the variance reaches `latent_variance`, at most `max_latent`, q and K_train - 1 (K_train the
    members the networks train on; at least 1), since K_train centred latents span at most
-   K_train - 1 directions. info records L, the variance share it holds and every component's.
+   K_train - 1 directions. info records L (`latent`), the variance share it holds
+   (`latent_explained`) and every component's (`explained_variance`), and the kept encoder's
+   latent spread (`latent_std`) with the noise on that scale (`latent_noise_abs`).
 4. Latents z_k = enc(x_k), centred and rescaled to unit std (the scale is stored, as Stable
    Diffusion stores its VAE's `scaling_factor`).
 5. Latent DDPM (Ho et al. 2020): epsilon prediction trained with `DDPMScheduler.add_noise` +
