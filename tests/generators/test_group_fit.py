@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from weightsmith.codec import chunk_region
 from weightsmith.demo import SIZES, build_gpt2
 from weightsmith.errors import WeightsmithError
 from weightsmith.extract import ExtractOptions, extract
@@ -68,6 +69,10 @@ def test_a_group_of_mixed_shapes_fits_and_splits_back_exactly() -> None:
         pieces = split_group(d, group.offsets, list(SHAPES.values()))
         assert [p.shape for p in pieces] == list(SHAPES.values())
         assert all(p.dtype == np.float32 and np.isfinite(p).all() for p in pieces)
+    # a chunk across two pieces is that run of the whole sample (each piece de-normalised on its own)
+    chunk = gen.sample(state, 3, SampleSpec(group.shape, chunk_region(group.shape, 4 * 20, 70)), seed=0).arrays
+    for c, whole in zip(chunk, draws, strict=True):
+        np.testing.assert_allclose(c, whole[70:90], rtol=1e-5, atol=1e-6)
 
     # a group is not a stack: another fingerprint than the same-shape stacks had
     stack = Examples("a + a", np.stack([ex["a"].values, ex["a"].values], axis=1), parts=("a", "a"))
