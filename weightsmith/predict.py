@@ -18,10 +18,15 @@ Which tensors are fitted together (`fit_batches`, recorded as each tensor's `fit
   about the same for a 64-value LayerNorm as for a 64 x 64 matrix, so a small model's LayerNorms
   and biases take a fit per role instead of one per layer. Baselines always fit each tensor
   alone (their statistics are per tensor), and so does every generator with a chunk size.
-- with `joint`, every generator fits all selected tensors of one shape as one stack
-  (n, *shape) (e.g. every LayerNorm weight and bias of a model: samples that keep the tensors'
-  joint structure), whatever their size.
-Each sample of a packed fit is split back into its tensors exactly (a reshape, then an index).
+- with `joint`, a generator that fits groups (`fits_groups`: zoo-diffusion) fits all selected
+  tensors as ONE group, whatever their shapes (e.g. an MLP block's LayerNorm, c_fc and c_proj):
+  one flat vector per member, the tensors flattened and concatenated in manifest order
+  (`group_examples`), so each sample's tensors come from one draw and belong together. Every
+  other generator (tile-diffusion needs 2-D tiles; baselines) fits all selected tensors of one
+  shape as one stack (n, *shape) (e.g. every LayerNorm weight and bias of a model), whatever
+  their size. A single selected tensor is fitted alone either way.
+Each sample of a packed or grouped fit is split back into its tensors exactly (a reshape, then
+an index; a group's pieces by their offsets).
 
 Fits of generators that train fan out over `workers` spawned processes (default: one per
 core, at most one per fit), each with cores // workers torch threads, so the cores are busy
@@ -56,6 +61,7 @@ from weightsmith.codec import chunk_region, parse_size, splice
 from weightsmith.errors import WeightsmithError
 from weightsmith.extract import new_run_id
 from weightsmith.generators import SAMPLING_VERSION, Examples, SampleSpec, state_from_bytes, state_to_bytes
+from weightsmith.generators.base import group_examples, split_group
 from weightsmith.generators.registry import get as get_generator
 from weightsmith.model import ModelRef, parse_model_url
 from weightsmith.store import arrays, encode_key
@@ -84,7 +90,7 @@ class PredictOptions(BaseModel):
     seed: int = Field(0, ge=0)  # same seed, same device -> same values
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: $DEVICE, else CUDA when present
     zoo: str | None = None  # fit on zoos/<id>/ (K checkpoints) instead of the model alone
-    joint: bool = False  # one fit per shape: same-shape tensors stacked (n, *shape), not one per tensor
+    joint: bool = False  # one fit for all tensors (fits_groups generators) or per shape (others), not one per tensor
     pack_bytes: int = Field(1 << 20, ge=0)  # generators that train fit small same-role tensors together, up to this
     workers: int = Field(0, ge=0)  # fits in parallel (0: one per core); torch threads = cores // workers
     images: Literal["all", "preview", "none"] = "all"  # TIFF + PNG per sample, PNG, or neither
@@ -157,10 +163,11 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
         raise WeightsmithError(gen.name, f"needs an ordered zoo (zoo.json `ordered: true`), got {where}")
     started = time.time()
     entries, devices = {}, []
-    batches = fit_batches(records, options.joint, _pack_bytes(gen, options))
+    group = _groups(gen, options)
+    batches = fit_batches(records, options.joint, _pack_bytes(gen, options), group)
     fitted = _fit_all(model_url, model, gen, batches, options)  # state key -> reused from an earlier run
     for batch in batches:
-        examples = _examples(model, batch, options.zoo, options.joint)
+        examples = _examples(model, batch, options.zoo, options.joint, group)
         state, state_key, _ = _fit_or_reuse(model, gen, examples, options.config)
         reused = fitted[state_key]
         chunk = None
@@ -171,9 +178,15 @@ def predict(model_url: str, options: PredictOptions, progress=None) -> Predictio
             warnings.warn(f"{examples.name}: CUDA ran out of memory; some samples were computed on CPU", stacklevel=2)
         base = examples.values[0] if chunk is not None else None
         drawn = [splice(base, a, chunk.offset) if chunk is not None else a for a in result.arrays]
+        if examples.sizes:  # a group: each sample cut into its tensors by their offsets
+            shapes = [tuple(r["shape"]) for r in batch]
+            pieces = [split_group(a, examples.offsets, shapes) for a in drawn]
         for j, record in enumerate(batch):
             name = record["name"]
-            samples = [split_sample(a, batch, j) for a in drawn] if len(batch) > 1 else drawn
+            if examples.sizes:
+                samples = [p[j] for p in pieces]
+            else:
+                samples = [split_sample(a, batch, j) for a in drawn] if len(batch) > 1 else drawn
             entries[name] = _write_samples(model, prefix, record, samples, options.images)
             entries[name].update(
                 {
@@ -243,12 +256,15 @@ def role(name: str) -> str:
     return _LAYER_INDEX.sub("{i}", name)
 
 
-def fit_batches(records: list[dict], joint: bool, pack_bytes: int = 0) -> list[list[dict]]:
+def fit_batches(records: list[dict], joint: bool, pack_bytes: int = 0, groups: bool = False) -> list[list[dict]]:
     """The tensors fitted together, in first-seen order.
 
-    joint: all tensors of one shape. Else tensors of one role and shape whose float32 bytes are
-    at most `pack_bytes` each, in packs of at most `pack_bytes` together; every other tensor alone.
+    joint with groups (a generator that `fits_groups`): all tensors, one batch. joint: all
+    tensors of one shape. Else tensors of one role and shape whose float32 bytes are at most
+    `pack_bytes` each, in packs of at most `pack_bytes` together; every other tensor alone.
     """
+    if joint and groups:
+        return [list(records)]
     if joint:
         by_shape: dict[tuple, list[dict]] = {}
         for r in records:
@@ -279,9 +295,8 @@ def plan_fits(model_url: str, options: PredictOptions) -> list[FitUnit]:
     model = parse_model_url(model_url)
     records = select(model.manifest(), options.layer)
     gen = get_generator(options.generator)(device="cpu")  # the plan does not depend on the device
-    return [
-        FitUnit(tuple(r["name"] for r in b)) for b in fit_batches(records, options.joint, _pack_bytes(gen, options))
-    ]
+    batches = fit_batches(records, options.joint, _pack_bytes(gen, options), _groups(gen, options))
+    return [FitUnit(tuple(r["name"] for r in b)) for b in batches]
 
 
 def fit_unit(model_url: str, options: PredictOptions, unit: FitUnit, threads: int | None = None) -> FitOutcome:
@@ -295,7 +310,7 @@ def fit_unit(model_url: str, options: PredictOptions, unit: FitUnit, threads: in
     if threads:
         _set_torch_threads(threads)
     started = time.time()
-    examples = _examples(model, [by_name[n] for n in unit.names], options.zoo, options.joint)
+    examples = _examples(model, [by_name[n] for n in unit.names], options.zoo, options.joint, _groups(gen, options))
     _, key, reused = _fit_or_reuse(model, gen, examples, options.config)
     return FitOutcome(key, reused, time.time() - started)
 
@@ -318,6 +333,11 @@ def _pack_bytes(gen, options: PredictOptions) -> int:
     return options.pack_bytes
 
 
+def _groups(gen, options: PredictOptions) -> bool:
+    """Whether `joint` fits all selected tensors as one group (generators that `fits_groups`)."""
+    return options.joint and getattr(gen, "fits_groups", False)
+
+
 def _set_torch_threads(threads: int) -> None:
     import torch
 
@@ -334,7 +354,8 @@ def _fit_all(
     """
     reused, todo = {}, []
     for batch in batches:
-        key = _state_key(model, gen, _examples(model, batch, options.zoo, options.joint), options.config)
+        examples = _examples(model, batch, options.zoo, options.joint, _groups(gen, options))
+        key = _state_key(model, gen, examples, options.config)
         if model.store.exists(key):
             reused[key] = True
         else:
@@ -349,10 +370,11 @@ def _fit_all(
     return reused | {o.state_key: o.reused for o in outcomes}
 
 
-def _examples(model: ModelRef, batch: list[dict], zoo: str | None, joint: bool) -> Examples:
+def _examples(model: ModelRef, batch: list[dict], zoo: str | None, joint: bool, group: bool = False) -> Examples:
     """The batch's K examples: (K, *shape) for one tensor; n packed: (K, n, *shape), or for
-    role-packed matrices (not `joint`) (K, n * rows, ...) (see `fit_batches`)."""
-    bases = [None]
+    role-packed matrices (not `joint`) (K, n * rows, ...); n grouped (`group`, any shapes):
+    (K, D), each member's tensors flattened and concatenated in order (see `fit_batches`)."""
+    bases = [None] * len(batch)
     if zoo is None:
         stacks = [read_values(model, r)[None] for r in batch]
     else:
@@ -360,6 +382,9 @@ def _examples(model: ModelRef, batch: list[dict], zoo: str | None, joint: bool) 
 
         stacks = [read_zoo_tensor(model.store, zoo, r["name"]) for r in batch]
         bases = [read_zoo_base(model.store, zoo, r["name"]) for r in batch]  # zoos built with --base
+    if group and len(batch) > 1:
+        parts = [Examples(r["name"], v, base=b) for r, v, b in zip(batch, stacks, bases, strict=True)]
+        return group_examples(parts, " + ".join(r["name"] for r in batch))
     base = None if any(b is None for b in bases) else np.stack(bases)  # (n, *shape)
     if len(batch) == 1:
         return Examples(batch[0]["name"], stacks[0], base=None if base is None else base[0])

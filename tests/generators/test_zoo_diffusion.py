@@ -67,7 +67,9 @@ def fitted(tensors: dict[str, np.ndarray]):
 def test_sample_shape_seed_and_state_round_trip(fitted) -> None:
     gen, examples, state = fitted
     assert state.generator == "zoo-diffusion" and state.checkpoints == K
-    assert state.info["components"] == 3 and state.info["latent"] == 8  # the walk's rank
+    # the walk's rank: 3 components hold all the variance, so L = 3 (below max_latent = 8)
+    assert state.info["components"] == 3 and state.info["latent"] == 3
+    assert state.info["latent_explained"] == pytest.approx(1.0) and len(state.info["explained_variance"]) == 3
     assert all(a.dtype.kind in "fi" for a in state.arrays.values())
     assert {"ae.encoder.0.weight", "den.proj_in.weight"} <= set(state.arrays)
 

@@ -32,7 +32,9 @@ def predict(
     seed: Annotated[int, typer.Option(help="Same seed, same device: same values.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (auto: $DEVICE, else CUDA if present).")] = "auto",
     zoo: Annotated[str | None, typer.Option(help="Fit on zoos/<id>/ checkpoints.")] = None,
-    joint: Annotated[bool, typer.Option("--joint", help="One fit per shape: same-shape tensors stacked.")] = False,
+    joint: Annotated[
+        bool, typer.Option("--joint", help="zoo-diffusion: all tensors as one group; others: one fit per shape.")
+    ] = False,
     config: Annotated[str | None, typer.Option(help="Generator options as JSON or a YAML/JSON file.")] = None,
     model_dir: Annotated[str | None, typer.Option(help="img2img: local diffusers pipeline folder.")] = None,
     images: Annotated[str, typer.Option(help="all, preview or none.")] = "all",
@@ -104,7 +106,7 @@ def run(
         list[int] | None, typer.Option("--fit-seed", help="Fit each generator once per seed (repeatable; pooled).")
     ] = None,
     joint: Annotated[
-        bool, typer.Option("--joint", help="Generators fit a group's same-shape tensors as one stack.")
+        bool, typer.Option("--joint", help="zoo-diffusion fits a group as one; others stack same-shape tensors.")
     ] = False,
     text: Annotated[str | None, typer.Option(help="Held-out text file for lm-eval.")] = None,
     config: Annotated[str | None, typer.Option(help="Generator options: JSON or YAML {generator: {...}}.")] = None,

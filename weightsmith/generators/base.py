@@ -25,6 +25,10 @@ Randomness (SAMPLING_VERSION 2). Every random number is a pure function of the r
 Version 1 keyed everything by (seed, sample, chunk offset) only, so every tensor of a sample
 drew the same numbers; predictions record the version (predict.py) so none of them is reused.
 
+A group (`group_examples`: tensors of any shapes, one flat (K, D) vector per checkpoint, with
+`parts` and `sizes`) is fitted only by generators that set `fits_groups` (zoo-diffusion);
+`split_group` cuts a sample back into its tensors. Stacks and groups differ in fingerprint.
+
 A `State` is numpy arrays plus JSON; `state_to_bytes` / `state_from_bytes` store it as an
 .npz without pickle. `Generator.fingerprint(examples, config)` names the inputs of a fit, so a
 caller can reuse a stored state while they are unchanged.
@@ -38,7 +42,7 @@ import json
 import math
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -68,8 +72,10 @@ class Examples:
 
     name: str  # the tensor's name
     values: np.ndarray  # (K, *shape) float32, C-contiguous; K = 1 for a single model
-    parts: tuple[str, ...] = ()  # a joint stack (K, n, ...): the names of its n tensors, in order
+    parts: tuple[str, ...] = ()  # a joint stack (K, n, ...) or a group (K, D): its tensors' names, in order
     base: np.ndarray | None = None  # (*shape) float32: the model the K were fine-tuned from (merges)
+    # a group (`group_examples`): each part's number of values along the flat (K, D) vector (D = their sum)
+    sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         v = np.asarray(self.values)
@@ -77,7 +83,13 @@ class Examples:
             raise WeightsmithError(self.name, f"examples need shape (K>=1, ...), got {v.shape}")
         object.__setattr__(self, "values", np.ascontiguousarray(v, dtype=np.float32))
         object.__setattr__(self, "parts", tuple(self.parts))
-        if self.parts and (v.ndim < 2 or v.shape[1] != len(self.parts)):
+        object.__setattr__(self, "sizes", tuple(int(n) for n in self.sizes))
+        if self.sizes:
+            if v.ndim != 2 or len(self.sizes) != len(self.parts) or sum(self.sizes) != v.shape[1]:
+                raise WeightsmithError(
+                    self.name, f"a group of {len(self.parts)} tensors of sizes {self.sizes}, values are {v.shape}"
+                )
+        elif self.parts and (v.ndim < 2 or v.shape[1] != len(self.parts)):
             raise WeightsmithError(self.name, f"{len(self.parts)} stacked tensors named, values are {v.shape}")
         if self.base is not None:
             if np.shape(self.base) != v.shape[1:]:
@@ -110,10 +122,52 @@ class Examples:
         """(K, numel) view of the values."""
         return self.values.reshape(self.k, self.numel)
 
+    @property
+    def offsets(self) -> list[int]:
+        """A group's part boundaries along the flat vector (len(sizes) + 1 of them); [0, D] otherwise."""
+        return [0, *np.cumsum(self.sizes or (self.numel,)).tolist()]
+
     @cached_property
     def sha256(self) -> str:
         """sha256 of the float32 values (K, *shape) in C order: which examples a fit saw."""
         return hashlib.sha256(self.values.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def group_examples(examples: Sequence[Examples], name: str | None = None) -> Examples:
+    """Tensors of any shapes (e.g. an MLP block's weights, biases and LayerNorm) as one group:
+    one flat vector per checkpoint, the tensors flattened and concatenated in order.
+
+    Args:
+        examples: the group's tensors, each with the same number K of checkpoints.
+        name: name of the group; the tensors' names joined by '+' when None.
+
+    Returns:
+        Examples of shape (K, D), D the sum of the tensors' sizes, with `parts` (their names)
+        and `sizes`; `split_group` cuts a sample back into the tensors. The base, when every
+        tensor has one, is concatenated the same way.
+    """
+    if not examples:
+        raise WeightsmithError("tensor set", "needs at least one tensor")
+    ks = {e.k for e in examples}
+    if len(ks) != 1:
+        raise WeightsmithError("tensor set", f"tensors have different checkpoint counts {sorted(ks)}")
+    flat = np.concatenate([e.flat() for e in examples], axis=1)  # (K, D)
+    bases = [e.base for e in examples]
+    base = None if any(b is None for b in bases) else np.concatenate([b.reshape(-1) for b in bases])
+    return Examples(
+        name or "+".join(e.name for e in examples),
+        flat,
+        parts=tuple(e.name for e in examples),
+        base=base,
+        sizes=tuple(e.numel for e in examples),
+    )
+
+
+def split_group(vec: np.ndarray, offsets: Sequence[int], shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """The tensors of one sample of a group (`group_examples`; offsets: `Examples.offsets`), as views of `vec`."""
+    flat = np.asarray(vec).reshape(-1)
+    assert len(offsets) == len(shapes) + 1 and offsets[-1] == flat.size, (offsets, flat.size)
+    return [flat[a:b].reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -339,6 +393,7 @@ class Generator(ABC):
     min_checkpoints: ClassVar[int] = 1  # fewest examples K that `fit` accepts
     ordered: ClassVar[bool] = False  # needs the examples in training order (first .. last)
     version: ClassVar[int] = 1  # bump when `_fit` changes, so stored states are not reused
+    fits_groups: ClassVar[bool] = False  # fits a group of tensors of any shapes as one object (`group_examples`)
 
     def __init__(self, device: str = "cpu"):
         self.device = device  # where sampling (and fitting) runs; numpy baselines ignore it
@@ -366,6 +421,8 @@ class Generator(ABC):
         }
         if examples.parts:  # single tensors keep the fingerprints they had before parts existed
             head["parts"] = list(examples.parts)
+        if examples.sizes:  # a group, not a stack
+            head["sizes"] = list(examples.sizes)
         h.update(json.dumps(head, sort_keys=True).encode())
         h.update(examples.values.reshape(-1).view(np.uint8))
         if examples.base is not None:  # after the values: fingerprints of base-less examples are unchanged
@@ -398,6 +455,8 @@ class Generator(ABC):
             raise WeightsmithError(examples.name, f"examples of shape {examples.shape} hold no values")
         if not np.isfinite(examples.values).all():
             raise WeightsmithError(examples.name, "examples hold NaN or Inf values")
+        if examples.sizes and not self.fits_groups:
+            raise WeightsmithError(examples.name, f"{self.name} fits one tensor or a same-shape stack, not a group")
         arrays, info = self._fit(examples, cfg)
         return State(
             generator=self.name,

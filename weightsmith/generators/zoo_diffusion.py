@@ -1,24 +1,35 @@
 """`zoo-diffusion`: neural network diffusion (p-diff, Wang et al. 2024) over a zoo of checkpoints.
 
-Fitted on K >= 2 checkpoints of one tensor, or of a tensor set flattened into one vector
-(`concat_examples` / `split_sample`), it draws whole new tensors:
+Fitted on K >= 2 checkpoints of one tensor, or of a group of tensors of any shapes flattened
+into one vector per checkpoint (`group_examples`, which `predict` uses for `joint` fits:
+`fits_groups`), it draws whole new tensors, a group's tensors from one latent together:
 
 1. Optional alignment (`align`): the rows (hidden units) of every checkpoint are permuted to
    best match checkpoint 0 (`align_rows`), so zoos trained from independent seeds share one
    ordering of units instead of K unrelated ones.
-2. Per-tensor normalisation: x = (w - mean) / std, one mean and std over all K checkpoints.
+2. Per-piece normalisation: x = (w - mean) / std, one mean and std per tensor of a group (its
+   values over all K checkpoints), so a LayerNorm weight near 1 and a matrix near 0 each get
+   their own; a single tensor is one piece.
 3. Autoencoder x (D,) -> z (L,) -> x (D,) with p-diff's noise augmentation: N(0, input_noise^2)
-   on the input and N(0, latent_noise^2) on the latent while training, so the decoder maps a
-   neighbourhood of each training latent to a working tensor. Its outer layers are the zoo's
-   q <= K - 1 principal directions, computed in closed form: x -> c = V (x - center) (q,) and
-   c -> center + V^T c. A learned D-wide first or last layer reaches the same optimum, since
+   on the input and N(0, (latent_noise * s)^2) on the latent while training, s the spread (std)
+   of the training members' latents (detached, measured on each step's batch), so the noise is
+   a fixed fraction of the latents' own scale whatever scale the encoder picks, and the decoder
+   maps a neighbourhood of each training latent to a working tensor. Its outer layers are the
+   zoo's q <= K - 1 principal directions, computed in closed form: x -> c = V (x - center) (q,)
+   and c -> center + V^T c. A learned D-wide first or last layer reaches the same optimum, since
    K training vectors only constrain it inside their span, but costs K * D * width per step;
    in closed form the learned MLPs (q -> hidden -> L -> hidden -> q) train in seconds on a CPU.
+   The latent width L is what the zoo supports: the fewest principal components whose share of
+   the variance reaches `latent_variance`, at most `max_latent`, q and K_train - 1 (K_train the
+   members the networks train on; at least 1), since K_train centred latents span at most
+   K_train - 1 directions. info records L (`latent`), the variance share it holds
+   (`latent_explained`) and every component's (`explained_variance`), and the kept encoder's
+   latent spread (`latent_std`) with the noise on that scale (`latent_noise_abs`).
 4. Latents z_k = enc(x_k), centred and rescaled to unit std (the scale is stored, as Stable
    Diffusion stores its VAE's `scaling_factor`).
 5. Latent DDPM (Ho et al. 2020): epsilon prediction trained with `DDPMScheduler.add_noise` +
    MSE; sampling is a DDIM loop (eta = 0, `inference_steps` steps) from Gaussian noise, then
-   decoded and de-normalised.
+   decoded and de-normalised piece by piece.
 
 Why an MLP denoiser, not `UNet1DModel`: the encoder mixes all coordinates, so the latent has no
 spatial order for convolutions to exploit. An MLP with a sinusoidal timestep embedding
@@ -65,8 +76,10 @@ from weightsmith.generators.base import (
     SampleSpec,
     State,
     device_name,
+    group_examples,
     moments,
     sample_seed,
+    split_group,
 )
 from weightsmith.generators.budget import FitRecord, Plateau, budget, finish
 
@@ -86,11 +99,11 @@ class ZooDiffusionConfig(GeneratorConfig):
     """Autoencoder, latent DDPM and sampling options (defaults: K = 200, D = 33k in ~35 s)."""
 
     components: int = Field(256, ge=1)  # q, principal directions kept (capped at K - 1)
-    latent_ratio: int = Field(32, ge=1)  # latent size L = D / latent_ratio, then capped
-    max_latent: int = Field(64, ge=1)  # cap on L
+    latent_variance: float = Field(0.99, gt=0, le=1)  # L = fewest components holding this share of the variance
+    max_latent: int = Field(64, ge=1)  # cap on L (also capped by q and K_train - 1)
     hidden: int = Field(256, ge=1)  # width of the autoencoder's MLP layers
     input_noise: float = Field(0.001, ge=0)  # p-diff sigma_in, on the normalised weights
-    latent_noise: float = Field(0.1, ge=0)  # p-diff sigma_lat, on the latent while training
+    latent_noise: float = Field(0.1, ge=0)  # p-diff sigma_lat, as a fraction of the latents' own std
     ae_steps: int = Field(1000, ge=1)  # most autoencoder optimiser steps (its budget's cap)
     ae_min_steps: int = Field(300, ge=1)  # floor of the autoencoder's budget
     steps_per_member: float = Field(4.0, gt=0)  # budget per training member (the denoiser's: twice this)
@@ -124,8 +137,9 @@ class ZooDiffusion(Generator):
     name = "zoo-diffusion"
     Config = ZooDiffusionConfig
     min_checkpoints = 2
-    version = 2  # 2: data-sized budgets, held-out members, early stopping
+    version = 3  # 2: data-sized budgets, held-out members, early stopping; 3: groups, L from the zoo, relative noise
     packs_roles = True  # predict fits small tensors of one role together (weightsmith.predict)
+    fits_groups = True  # with `joint`, predict fits all selected tensors as one group (weightsmith.predict)
 
     def _fit(self, examples: Examples, config: GeneratorConfig) -> tuple[dict[str, np.ndarray], dict]:
         assert isinstance(config, ZooDiffusionConfig)
@@ -145,32 +159,47 @@ class ZooDiffusion(Generator):
                     f"align needs checkpoints with rows (K, rows, ...), got {values.shape}",
                 )
             values, arrays["align.perms"] = align_rows(values)
-        # 2. per-tensor normalisation
-        mean, std = moments(values)
-        std = std or 1.0  # 0 only for a constant tensor
-        x = (values.reshape(examples.k, d) - np.float32(mean)) / np.float32(std)  # (K, D)
+        # 2. per-piece normalisation: each tensor of a group its own mean and std
+        x = values.reshape(examples.k, d).copy()  # (K, D)
+        offsets = examples.offsets
+        norm = np.empty((len(offsets) - 1, 2), dtype=np.float64)  # (pieces, 2): mean, std
+        for p, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+            mean, std = moments(x[:, a:b])
+            std = std or 1.0  # 0 only for a constant piece
+            norm[p] = mean, std
+            x[:, a:b] = (x[:, a:b] - np.float32(mean)) / np.float32(std)
         # 3a. the autoencoder's outer layers: the zoo's principal directions
-        center, basis = _principal_directions(x, config.components)  # (D,), (q, D)
-        latent = min(config.max_latent, max(min(d, 4), math.ceil(d / config.latent_ratio)))
+        center, basis, ratios = _principal_directions(x, config.components)  # (D,), (q, D), (K,)
+        held = _held_out(examples.k, config)
+        latent, explained = latent_width(ratios, basis.shape[0], examples.k - held, config)
         with _threads(self.device):
-            nets, info = self._train((x - center) @ basis.T, latent, config)  # coeffs (K, q)
+            nets, info = self._train((x - center) @ basis.T, latent, held, config)  # coeffs (K, q)
         info["ae_loss"] *= basis.shape[0] / d  # as an MSE per value of the D-vector
         arrays |= {
-            "norm": np.array([mean, std], dtype=np.float64),  # (mean, std) of step 2
+            "norm": norm,  # (pieces, 2): (mean, std) of step 2, per piece
+            "norm.sizes": np.diff(offsets).astype(np.int64),  # (pieces,) values per piece
             "pca.center": center,  # (D,) mean of the normalised checkpoints
             "pca.basis": basis,  # (q, D) orthonormal rows
             **nets,
         }
-        return arrays, {"components": basis.shape[0], "latent": latent, **info}
+        return arrays, {
+            "components": basis.shape[0],
+            "latent": latent,
+            "latent_explained": explained,  # share of the variance the first L components hold
+            "explained_variance": [float(r) for r in ratios],  # per component, largest first
+            "pieces": len(offsets) - 1,
+            **info,
+        }
 
-    def _train(self, coeffs: np.ndarray, latent: int, config: ZooDiffusionConfig) -> tuple[dict[str, np.ndarray], dict]:
-        """Steps 3b-5 on the checkpoints' principal coefficients (K, q)."""
+    def _train(
+        self, coeffs: np.ndarray, latent: int, held: int, config: ZooDiffusionConfig
+    ) -> tuple[dict[str, np.ndarray], dict]:
+        """Steps 3b-5 on the checkpoints' principal coefficients (K, q); the last `held` members validate."""
         device = torch.device(self.device)
         c = torch.from_numpy(coeffs).to(device)  # (K, q)
         # the last members (a contiguous block: a zoo's members come in training order) are
         # held out for validation; the networks train on the rest
         k = c.shape[0]
-        held = max(1, round(k * config.val_fraction)) if config.early_stop and k >= 4 else 0
         c_train, c_val = c[: k - held], c[k - held :]  # (K - held, q), (held, q)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)  # module initialisation
@@ -185,6 +214,7 @@ class ZooDiffusion(Generator):
         # 4. latents centred and scaled to unit std (over the training members)
         with torch.inference_mode():
             z = ae.encoder(c)  # (K, L)
+        latent_std = float(_spread(z[:members]))  # what the latent noise was a fraction of
         z_mean = z[:members].mean(0)
         z_scale = float((z[:members] - z_mean).std()) or 1.0  # 0 only for identical checkpoints
         z = (z - z_mean) / z_scale
@@ -199,6 +229,8 @@ class ZooDiffusion(Generator):
         }
         return arrays, {
             "latent_scale": z_scale,
+            "latent_std": latent_std,  # spread of the kept encoder's training latents
+            "latent_noise_abs": config.latent_noise * latent_std,  # the latent noise on that encoder's scale
             "ae_loss": ae_fit.train_loss,
             "ddpm_loss": ddpm_fit.train_loss,
             "held_out": held,  # members used only for validation
@@ -245,31 +277,40 @@ class ZooDiffusion(Generator):
 
 
 def concat_examples(examples: Sequence[Examples], name: str | None = None) -> tuple[Examples, list[int]]:
-    """A tensor set (e.g. a layer's weight and bias) as one flat vector per checkpoint.
-
-    Args:
-        examples: the set's tensors, each with the same number K of checkpoints.
-        name: name of the set; the tensors' names joined by '+' when None.
+    """A tensor set (e.g. a layer's weight and bias) as one group (`group_examples`) and its offsets.
 
     Returns:
         Examples of shape (K, D) with D the sum of the tensors' sizes, and the offsets
         (len(examples) + 1 of them) of each tensor in the flat vector, for `split_sample`.
     """
-    if not examples:
-        raise WeightsmithError("tensor set", "needs at least one tensor")
-    ks = {e.k for e in examples}
-    if len(ks) != 1:
-        raise WeightsmithError("tensor set", f"tensors have different checkpoint counts {sorted(ks)}")
-    offsets = [0, *np.cumsum([e.numel for e in examples]).tolist()]
-    flat = np.concatenate([e.flat() for e in examples], axis=1)  # (K, D)
-    return Examples(name or "+".join(e.name for e in examples), flat), offsets
+    group = group_examples(examples, name)
+    return group, group.offsets
 
 
 def split_sample(vec: np.ndarray, offsets: Sequence[int], shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
     """The tensors of one sample of a set made by `concat_examples` (views of `vec`)."""
-    flat = np.asarray(vec).reshape(-1)
-    assert len(offsets) == len(shapes) + 1 and offsets[-1] == flat.size, (offsets, flat.size)
-    return [flat[a:b].reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes, strict=True)]
+    return split_group(vec, offsets, shapes)
+
+
+# -- latent width --------------------------------------------------------------------------
+
+
+def _held_out(k: int, config: ZooDiffusionConfig) -> int:
+    """Members held out for validation: the last val_fraction of them when early stopping and K >= 4."""
+    return max(1, round(k * config.val_fraction)) if config.early_stop and k >= 4 else 0
+
+
+def latent_width(ratios: np.ndarray, q: int, k_train: int, config: ZooDiffusionConfig) -> tuple[int, float]:
+    """L and the share of the variance its first L components hold.
+
+    L = the fewest principal components whose cumulative share `ratios` (largest first) reaches
+    `latent_variance`, capped by `max_latent`, by q (the components kept) and by k_train - 1
+    (k_train centred latents span at most that many directions); at least 1.
+    """
+    cum = np.cumsum(ratios)
+    need = int(np.searchsorted(cum, config.latent_variance * (1 - 1e-9)) + 1) if cum.size else 1
+    latent = max(1, min(need, config.max_latent, q, k_train - 1))
+    return latent, float(cum[min(latent, cum.size) - 1]) if cum.size else 1.0
 
 
 # -- alignment -----------------------------------------------------------------------------
@@ -381,8 +422,9 @@ def _schedulers(config: ZooDiffusionConfig) -> tuple[DDPMScheduler, DDIMSchedule
     return ddpm, DDIMScheduler.from_config(ddpm.config)
 
 
-def _principal_directions(x: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Center (D,) and the top q <= K - 1 orthonormal principal directions (q, D) of x (K, D).
+def _principal_directions(x: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Center (D,), the top q <= K - 1 orthonormal principal directions (q, D) of x (K, D), and
+    every component's share of the variance (largest first; empty when all rows are equal).
 
     Gram trick (Turk & Pentland 1991, as in pca-gaussian): with Xc = x - center, eigenvectors
     u_i of Xc Xc^T (K, K) give v_i = Xc^T u_i / sqrt(lambda_i); float64, column block by block.
@@ -395,12 +437,19 @@ def _principal_directions(x: np.ndarray, components: int) -> tuple[np.ndarray, n
         xc = x[:, b] - center[b]  # (K, block)
         gram += xc @ xc.T
     lam, u = np.linalg.eigh(gram)  # ascending
-    keep = np.argsort(lam)[::-1][: min(components, k - 1)]
-    keep = keep[lam[keep] > 1e-12 * max(lam.max(), 0.0)]  # drop rounding noise
+    order = np.argsort(lam)[::-1]
+    positive = order[lam[order] > 1e-12 * max(lam.max(), 0.0)]  # drop rounding noise
+    ratios = lam[positive] / lam[positive].sum() if positive.size else np.zeros(0)
+    keep = positive[: min(components, k - 1)]
     basis = np.empty((keep.size, d), dtype=np.float32)  # (q, D)
     for b in blocks:
         basis[:, b] = (u[:, keep].T @ (x[:, b] - center[b])) / np.sqrt(lam[keep])[:, None]
-    return center.astype(np.float32), basis
+    return center.astype(np.float32), basis, ratios
+
+
+def _spread(z: torch.Tensor) -> torch.Tensor:
+    """The latents' std (B, L) -> (): each dimension centred over the rows, pooled; 0 for one row."""
+    return (z - z.mean(0)).square().mean().sqrt()
 
 
 def _train(
@@ -449,16 +498,26 @@ def _train_autoencoder(
     """p-diff's autoencoder objective: reconstruct from noisy inputs and noisy latents.
 
     Noise N(0, s^2 I_D) on the normalised weights is N(0, s^2 I_q) on their coefficients in an
-    orthonormal basis, so it is added to the coefficients c (K, q). Validation: the held-out
-    members c_val with input and latent noise drawn once.
+    orthonormal basis, so it is added to the coefficients c (K, q). The latent noise is
+    `latent_noise` times the spread of the training members' latents (`_spread`, detached),
+    measured on each step's batch (on all training members when the batch holds one row), so
+    scaling the latents up does not escape it. Validation: the held-out members c_val with input
+    and latent noise drawn once, the latter scaled by the latest spread.
     """
     k, batch = c.shape[0], min(config.batch_size, c.shape[0])
+    spread = torch.zeros((), device=c.device)  # refreshed at every training step
 
     def loss(cb: torch.Tensor, in_eps: torch.Tensor, lat_eps: torch.Tensor | None) -> torch.Tensor:
+        nonlocal spread
         z = ae.encoder(cb + config.input_noise * in_eps)  # (B, L)
-        if lat_eps is None:
+        if lat_eps is None:  # a training step
+            if z.shape[0] > 1:
+                spread = _spread(z.detach())
+            else:
+                with torch.no_grad():
+                    spread = _spread(ae.encoder(c))
             lat_eps = torch.randn(z.shape, generator=gen, device=c.device)
-        return F.mse_loss(ae.decoder(z + config.latent_noise * lat_eps), cb)
+        return F.mse_loss(ae.decoder(z + config.latent_noise * spread * lat_eps), cb)
 
     def train_loss() -> torch.Tensor:
         cb = c[torch.randperm(k, generator=gen, device=c.device)[:batch]]  # (B, q)
@@ -546,7 +605,12 @@ class _Sampler:
         self.basis = torch.from_numpy(a["pca.basis"]).to(device)  # (q, D)
         self.z_mean = torch.from_numpy(a["latent_mean"]).to(device)  # (L,)
         self.z_scale = float(a["latent_scale"])
-        self.mean, self.std = (float(v) for v in a["norm"])
+        norm, sizes = a["norm"].reshape(-1, 2), a["norm.sizes"]
+        if len(sizes) == 1:  # one piece: scalars, no D-wide vectors
+            self.mean, self.std = (float(v) for v in norm[0])
+        else:  # per value of the D-vector, float32 as the values are
+            self.mean = torch.from_numpy(np.repeat(norm[:, 0], sizes).astype(np.float32)).to(device)
+            self.std = torch.from_numpy(np.repeat(norm[:, 1], sizes).astype(np.float32)).to(device)
 
     @torch.inference_mode()
     def __call__(self, gens: list[torch.Generator], batch: int, region: slice) -> list[np.ndarray]:
@@ -561,5 +625,8 @@ class _Sampler:
         c = self.ae.decoder(z * self.z_scale + self.z_mean)  # (B, q)
         # only the columns of the region: a chunk costs what it holds
         x = self.center[region] + c @ self.basis[:, region]  # (B, region)
-        x = (x[: len(gens)] * self.std + self.mean).cpu().numpy()
+        std, mean = self.std, self.mean
+        if isinstance(std, torch.Tensor):
+            std, mean = std[region], mean[region]
+        x = (x[: len(gens)] * std + mean).cpu().numpy()
         return [np.ascontiguousarray(row) for row in x]
