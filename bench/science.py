@@ -49,8 +49,21 @@ import _common as c  # noqa: E402
 JUDGED = "zoo-diffusion"  # the generator label that is judged: fixed before the run
 
 SETTINGS = {
+    # smoke: the tiny base, for the test that runs this script end to end (no science in it)
+    "smoke": {
+        "base": "tiny",
+        "family": {
+            "finetune": {"members": 3, "gold": 2, "steps": 10, "per_slice": 500},
+            "independent": {"members": 3, "gold": 2, "steps": 10, "lr": 3e-3, "per_slice": 500},
+        },
+        "generators": (JUDGED,),
+        "fit_seeds": (0, 1),
+        "samples": 2,
+        "generator_config": {JUDGED: {"ae_steps": 20, "ae_min_steps": 10, "ddpm_steps": 20, "ddpm_min_steps": 10}},
+    },
     # quick: CPU within 60 minutes (2 cores)
     "quick": {
+        "base": "full",
         "family": {
             "finetune": {"members": 6, "gold": 2, "steps": 100, "lr": 1e-3, "per_slice": 4_000},
             "independent": {"members": 6, "gold": 2, "steps": 150, "lr": 3e-3, "per_slice": 4_000},
@@ -62,6 +75,7 @@ SETTINGS = {
     },
     # full: a GPU (or a long CPU run)
     "full": {
+        "base": "full",
         "family": {
             "finetune": {"members": 6, "gold": 2, "steps": 200, "lr": 1e-3, "per_slice": 10_000},
             "independent": {"members": 6, "gold": 2, "steps": 400, "lr": 3e-3, "per_slice": 10_000},
@@ -200,13 +214,14 @@ def write_markdown(path: Path, runs: list[dict], meta: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the CPU setting (within 60 minutes on 2 cores)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works")
     ap.add_argument("--out", type=Path, default=Path("bench/out/science"))
     ap.add_argument("--results", type=Path, default=None, help="markdown output (default: --out/SCIENCE.md)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--settings", nargs="+", default=["finetune", "independent"], choices=["finetune", "independent"])
     ap.add_argument("--zoo-seeds", nargs="+", type=int, default=[0, 1, 2])
     args = ap.parse_args()
-    setting = "quick" if args.quick else "full"
+    setting = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = SETTINGS[setting]
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["WEIGHTSMITH_HOME"] = str((args.out / "home").absolute())  # models, zoos, cache: all under --out
@@ -222,9 +237,9 @@ def main() -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
-    base = state.cache_dir() / "demo-base-full"
+    base = state.cache_dir() / f"demo-base-{plan['base']}"
     log(f"base model ({base})")
-    train_lm(base, SPECS["full"])
+    train_lm(base, SPECS[plan["base"]])
     store = str(state.home() / "store")
     runs = []
     for kind in args.settings:
@@ -246,6 +261,7 @@ def main() -> int:
         "minutes": minutes,
         "setting": setting,
         "setting_note": json.dumps({k: v for k, v in plan.items() if k != "generator_config"}),
+        "judged": JUDGED,
     }
     write_markdown(args.results or args.out / "SCIENCE.md", runs, meta)
     log(f"done in {minutes:.1f} min: {args.results or args.out / 'SCIENCE.md'}")

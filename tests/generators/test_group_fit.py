@@ -151,12 +151,13 @@ def test_latent_width_is_what_the_zoo_supports() -> None:
     # a higher threshold asks for more (noise) components, up to max_latent
     assert gen.fit(Examples("plane", flat), {**TINY, "latent_variance": 1.0}).info["latent"] == TINY["max_latent"]
 
-    # 4 members in general position need 3 components, but the nets train on 3 (one is held
-    # out): L = K_train - 1 = 2; trained on all 4 (no early stopping): L = 3
+    # 4 members in general position need 3 components, but if the nets train on 3 (one held out:
+    # min_held_out=1) L = K_train - 1 = 2; trained on all 4 (the default for so small a zoo): L = 3
     four = Examples("four", rng.standard_normal((4, 50)))
-    held = gen.fit(four, TINY).info
+    held = gen.fit(four, {**TINY, "min_held_out": 1}).info
     assert held["held_out"] == 1 and held["components"] == 3 and held["latent"] == 2
     assert held["latent_explained"] < 0.99
+    assert gen.fit(four, TINY).info["held_out"] == 0  # one held-out member is too few to stop on
     assert gen.fit(four, {**TINY, "early_stop": False}).info["latent"] == 3
 
 

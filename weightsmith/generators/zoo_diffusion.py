@@ -37,7 +37,8 @@ spatial order for convolutions to exploit. An MLP with a sinusoidal timestep emb
 batch of 64 through 20 DDIM steps in milliseconds on a CPU core.
 
 Budget and early stopping (`weightsmith.generators.budget`): the last `val_fraction` of the
-members (a contiguous block: a zoo's members come in training order) are held out when K >= 4;
+members (a contiguous block: a zoo's members come in training order) are held out when that is at
+least `min_held_out` (3: K >= 20 at 1/8; a smaller zoo trains on every member for the whole budget);
 the networks train on the others for at most steps_per_member x members steps (twice that for
 the denoiser), between `*_min_steps` and the cap `ae_steps` / `ddpm_steps`, at a constant
 learning rate, and stop when their loss on the held-out members (with noise and timesteps drawn
@@ -112,7 +113,8 @@ class ZooDiffusionConfig(GeneratorConfig):
     ddpm_steps: int = Field(2000, ge=1)  # most denoiser optimiser steps (its budget's cap)
     ddpm_min_steps: int = Field(600, ge=1)  # floor of the denoiser's budget
     early_stop: bool = True  # hold out members and stop each net at a validation plateau (False: all train)
-    val_fraction: float = Field(0.125, gt=0, lt=1)  # held-out contiguous block: the last members (K >= 4)
+    val_fraction: float = Field(0.125, gt=0, lt=1)  # held-out contiguous block: the last members
+    min_held_out: int = Field(3, ge=1)  # fewer held-out members than this: no early stopping (K < 20 by default)
     val_draws: int = Field(256, ge=1)  # (latent, timestep, noise) triples drawn once for the denoiser's validation
     eval_every: int = Field(25, ge=1)  # optimiser steps between validation checks
     patience: int = Field(4, ge=1)  # checks in a row without improvement that mean "plateau"
@@ -137,7 +139,9 @@ class ZooDiffusion(Generator):
     name = "zoo-diffusion"
     Config = ZooDiffusionConfig
     min_checkpoints = 2
-    version = 3  # 2: data-sized budgets, held-out members, early stopping; 3: groups, L from the zoo, relative noise
+    # 2: data-sized budgets, held-out members, early stopping; 3: groups, L from the zoo, relative
+    # noise, no early stopping on fewer than 3 held-out members
+    version = 3
     packs_roles = True  # predict fits small tensors of one role together (weightsmith.predict)
     fits_groups = True  # with `joint`, predict fits all selected tensors as one group (weightsmith.predict)
 
@@ -296,8 +300,12 @@ def split_sample(vec: np.ndarray, offsets: Sequence[int], shapes: Sequence[tuple
 
 
 def _held_out(k: int, config: ZooDiffusionConfig) -> int:
-    """Members held out for validation: the last val_fraction of them when early stopping and K >= 4."""
-    return max(1, round(k * config.val_fraction)) if config.early_stop and k >= 4 else 0
+    """Members held out for validation: the last val_fraction of them when early stopping, and none
+    when that is fewer than `min_held_out` (a loss on one or two members is too noisy to stop on:
+    a denoiser stopped at ~150 steps by one held-out member drew latents at 7-14x the training
+    latents' spread on a K = 6 zoo; then every member trains for the whole budget)."""
+    held = max(1, round(k * config.val_fraction)) if k >= 4 else 0
+    return held if config.early_stop and held >= config.min_held_out else 0
 
 
 def latent_width(ratios: np.ndarray, q: int, k_train: int, config: ZooDiffusionConfig) -> tuple[int, float]:
