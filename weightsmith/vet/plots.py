@@ -146,7 +146,7 @@ def frontier_png(data: Mapping) -> bytes:
     ax.set_xlabel("novelty (RMS distance of the group to the nearest training example, in per-tensor stds)")
     ax.set_ylabel(f"{primary.split('/', 1)[1]} ({better} is better; better is up)")
     ax.set_title("quality against novelty")
-    ax.legend(fontsize=7, loc="best")
+    _legend(fig, ax)
     return _png(fig)
 
 
@@ -176,8 +176,18 @@ def histogram_png(hist: Mapping, colours: Mapping[str, str] | None = None) -> by
     ax.set_xlabel("value")
     ax.set_ylabel("density")
     ax.set_title(hist["tensor"])
-    ax.legend(fontsize=7)
+    _legend(fig, ax)
     return _png(fig)
+
+
+def _legend(fig: Figure, ax) -> None:
+    """The legend beside the axes, in as many columns as keep it within the figure's height
+    (inside the axes a legend of 30-40 labels squeezed them to nothing)."""
+    n = len(ax.get_legend_handles_labels()[1])
+    rows = max(1, int(fig.get_figheight() * 72 / 11))  # lines of 7-point text with spacing
+    ncol = max(1, -(-n // rows))
+    fig.set_figwidth(fig.get_figwidth() + 1.8 * ncol)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol, frameon=False)
 
 
 def _label_colours(data: Mapping) -> dict[str, str]:
