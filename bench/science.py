@@ -65,8 +65,8 @@ SETTINGS = {
     "quick": {
         "base": "full",
         "family": {
-            "finetune": {"members": 6, "gold": 2, "steps": 100, "lr": 1e-3, "per_slice": 4_000},
-            "independent": {"members": 6, "gold": 2, "steps": 150, "lr": 3e-3, "per_slice": 4_000},
+            "finetune": {"members": 6, "gold": 2, "steps": 100, "lr": 1e-3, "per_slice": 2_000},
+            "independent": {"members": 6, "gold": 2, "steps": 150, "lr": 3e-3, "per_slice": 2_000},
         },
         "generators": (JUDGED,),
         "fit_seeds": (0, 1, 2),
@@ -98,7 +98,7 @@ def run_setting(kind: str, zoo_seed: int, plan: dict, store: str, base: Path, de
     from weightsmith.store import Store
 
     started = time.time()
-    family = build_family(store, base, FamilyPlan(kind=kind, **plan["family"][kind]), zoo_seed)
+    family = build_family(store, base, FamilyPlan(kind=kind, **plan["family"][kind]), zoo_seed, images="none")
     made = time.time()
     options = PipelineOptions(
         store=store,

@@ -112,7 +112,10 @@ def vet_group(
     examples = group_examples(model, names, options.zoo)
     orig = Entry(label="original", kind="original", generator="", sample=0, folder=local_folder(model, original_key))
     entries = []
+    numbered: dict[str, int] = {}  # a label's samples are numbered across its fits: ids stay unique
     for run in runs:
+        first = numbered.get(run.label, 0)
+        numbered[run.label] = first + run.samples
         for s in range(run.samples):
             folder = local_folder(model, model.key("candidates", f"{run.pred_id}-s{s}"))
             entries.append(
@@ -120,7 +123,7 @@ def vet_group(
                     label=run.label,
                     kind=run.kind,
                     generator=run.generator,
-                    sample=s,
+                    sample=first + s,
                     folder=folder,
                     params=run.config,
                     fit=run.fit,

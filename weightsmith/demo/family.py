@@ -60,9 +60,18 @@ class Family:
 
 
 def build_family(
-    store: str, base: Path, plan: FamilyPlan, zoo_seed: int, say=lambda m: None, progress=lambda done, total: None
+    store: str,
+    base: Path,
+    plan: FamilyPlan,
+    zoo_seed: int,
+    images: str = "preview",
+    progress=lambda done, total: None,
 ) -> Family:
-    """Fine-tune (or train from scratch), extract and build both zoos; everything cached."""
+    """Fine-tune (or train from scratch), extract and build both zoos; everything cached.
+
+    `images`: as the pipeline will extract the base (the same revision with another manifest is
+    refused).
+    """
     from weightsmith.extract import ExtractOptions, extract
     from weightsmith.zoo.build import ZooOptions, build_zoo
 
@@ -94,8 +103,7 @@ def build_family(
     folder = base.parent / f"family-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     urls = []
-    # as the pipeline extracts it (a different manifest for the same revision would be refused)
-    base_url = extract(str(base), ExtractOptions(store=store, name=size, images="preview")).model_url
+    base_url = extract(str(base), ExtractOptions(store=store, name=size, images=images)).model_url
     for i, (name, data) in enumerate(zip(names, datas, strict=True)):
         spec = FineTuneSpec(
             slice=name,
