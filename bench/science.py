@@ -94,27 +94,21 @@ SETTINGS = {
 def run_setting(kind: str, zoo_seed: int, plan: dict, store: str, base: Path, device: str, log) -> dict:
     """One family and one pipeline run; returns the rows SCIENCE.md needs."""
     from weightsmith.demo.family import FamilyPlan, build_family
-    from weightsmith.pipeline import PipelineOptions, run_pipeline
+    from weightsmith.pipeline import run_pipeline
     from weightsmith.store import Store
 
     started = time.time()
     family = build_family(store, base, FamilyPlan(kind=kind, **plan["family"][kind]), zoo_seed, images="none")
     made = time.time()
-    options = PipelineOptions(
-        store=store,
-        name=base.name,
-        stages=("extract", "predict", "weight-stats", "lm-eval"),
-        layers=(family.patterns,),
+    options = family.pipeline_options(
+        store,
+        base.name,
+        images="none",
         generators=plan["generators"],
         generator_config=plan["generator_config"],
         samples=plan["samples"],
         fit_seeds=plan["fit_seeds"],
-        zoo=family.zoo,
-        reference=family.gold,
-        joint=True,
-        text=family.text,
         device=device,
-        images="none",
     )
     result = run_pipeline(str(base), options, say=lambda m: log(f"    {m}"))
     store_obj = Store(store)

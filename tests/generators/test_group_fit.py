@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_zoo_diffusion import TINY  # the same small networks as zoo-diffusion's own tests
 
 from weightsmith.codec import chunk_region
 from weightsmith.demo import SIZES, build_gpt2
@@ -22,17 +23,6 @@ from weightsmith.predict import PredictOptions, _examples, plan_fits, predict, r
 from weightsmith.store import arrays
 from weightsmith.zoo import write_zoo
 
-TINY = {
-    "hidden": 32,
-    "max_latent": 8,
-    "ae_steps": 150,
-    "denoiser_width": 64,
-    "denoiser_depth": 1,
-    "ddpm_steps": 600,
-    "batch_size": 64,
-    "inference_steps": 5,
-    "sample_batch": 4,
-}
 K, R = 24, 3  # members, shared factors
 SHAPES = {"ln": (6,), "a": (12, 6), "b": (6, 20)}
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from weightsmith.demo.finetune import (
     FineTuneSpec,
@@ -31,6 +31,9 @@ from weightsmith.demo.finetune import (
     slice_text,
     slices,
 )
+
+if TYPE_CHECKING:
+    from weightsmith.pipeline import PipelineOptions
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,24 @@ class Family:
     slices: tuple[str, ...]  # the slices of the members, then of the gold (fine-tunes)
     text: str  # path of the held-out text
     base_url: str  # the base model in the store
+
+    def pipeline_options(self, store: str, name: str, images: str, **choices) -> PipelineOptions:
+        """The pipeline run that vets this family: its group, zoo, gold and text, every stage;
+        `choices`: generators, generator_config, samples, fit_seeds, device."""
+        from weightsmith.pipeline import PipelineOptions
+
+        return PipelineOptions(
+            store=store,
+            name=name,
+            stages=("extract", "predict", "weight-stats", "lm-eval"),
+            layers=(self.patterns,),
+            zoo=self.zoo,
+            reference=self.gold,
+            joint=True,
+            text=self.text,
+            images=images,
+            **choices,
+        )
 
 
 def build_family(

@@ -79,7 +79,7 @@ def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunne
     from weightsmith.demo.family import FamilyPlan, build_family
     from weightsmith.demo.train import SPECS, train_lm
     from weightsmith.errors import WeightsmithError
-    from weightsmith.pipeline import PipelineOptions, run_pipeline
+    from weightsmith.pipeline import run_pipeline
     from weightsmith.store import Store
 
     if size not in DEMO:
@@ -120,22 +120,16 @@ def run_demo(store: str, size: str = "full", console=None, runner: PipelineRunne
 
     torch.set_num_threads(1)
     say("4/4 pipeline: extract -> zoo-diffusion, tile-diffusion and baselines -> assemble -> vet")
-    options = dict(
-        store=store,
-        name=folder.name,
-        stages=("extract", "predict", "weight-stats", "lm-eval"),
-        layers=(family.patterns,),
+    options = family.pipeline_options(
+        store,
+        folder.name,
+        images="preview",
         generators=("zoo-diffusion", "tile-diffusion"),
         generator_config=plan["generator_config"],
         samples=plan["samples"],
-        zoo=family.zoo,
-        reference=family.gold,
-        joint=True,
-        text=family.text,
-        images="preview",
     )
     runner = runner or (lambda source, opts: run_pipeline(source, opts, say=lambda m: None))
-    result = runner(str(folder), PipelineOptions(**options))
+    result = runner(str(folder), options)
     model_url, reports, verdicts = result.model_url, result.reports, result.summary
     _print_reports(Store(store), reports, say)
     summary = {"model_url": model_url, "reports": reports, "seconds": round(time.time() - started, 1)}
