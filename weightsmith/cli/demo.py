@@ -13,7 +13,7 @@ from weightsmith.cli.common import NoPrefectOpt, StoreOpt, err, run_flow, user_e
 @user_errors
 def demo(
     store: StoreOpt = None,
-    size: Annotated[str, typer.Option(help="full (about 8 minutes first on 2 cores, seconds cached) or tiny.")] = "full",
+    size: Annotated[str, typer.Option(help="full (about 8 minutes first on 2 cores) or tiny.")] = "full",
     no_prefect: NoPrefectOpt = False,
 ) -> None:
     """The main job: train a small GPT-2 offline, fine-tune one block into a zoo, run the pipeline, print the report."""
