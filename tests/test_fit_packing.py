@@ -20,6 +20,7 @@ from weightsmith.predict import (
     _examples,
     fit_batches,
     fit_unit,
+    largest_first,
     plan_fits,
     predict,
     read_values,
@@ -130,6 +131,7 @@ def test_generators_that_train_pack_by_role_baselines_do_not(model_url: str) -> 
         FitUnit(("transformer.h.0.attn.c_proj.weight", "transformer.h.1.attn.c_proj.weight")),
     ]
     assert sorted(plan_fits(model_url, options), key=units.index) == units
+    assert plan_fits(model_url, options)[0] == units[2]  # the largest fit first (workers finish together)
     # a fit made as its own unit (as the flow's tasks do) is the state predict then finds
     first = fit_unit(model_url, options, units[0], threads=1)
     assert not first.reused
@@ -153,3 +155,8 @@ def test_generators_that_train_pack_by_role_baselines_do_not(model_url: str) -> 
     baseline = predict(model_url, options.model_copy(update={"generator": "gaussian", "config": {}}))
     facts = model.store.read_json(model.key("predictions", baseline.run_id, "prediction.json"))
     assert all(e["fitted_with"] == [name] for name, e in facts["tensors"].items())
+
+
+def test_largest_fits_start_first() -> None:
+    batches = [[{"shape": [4]}], [{"shape": [8, 8]}], [{"shape": [4]}, {"shape": [4]}], [{"shape": [2, 4]}]]
+    assert largest_first(batches) == [batches[1], batches[2], batches[3], batches[0]]  # stable among equals
