@@ -23,7 +23,8 @@ from weightsmith.generators import (
     state_from_bytes,
     state_to_bytes,
 )
-from weightsmith.generators.zoo_diffusion import align_rows, concat_examples, split_sample
+from weightsmith.generators.base import group_examples, split_group
+from weightsmith.generators.zoo_diffusion import align_rows
 
 LORA = "safetensors/diffusers_sd_pokemon_lora.safetensors"
 _BLOCK = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora"
@@ -172,20 +173,21 @@ def test_align_rows_recovers_a_permutation(tensors: dict[str, np.ndarray]) -> No
 
 def test_tensor_set_concat_and_split(tensors: dict[str, np.ndarray]) -> None:
     up, down = walk(UP, tensors[UP], seed=1), walk(DOWN, tensors[DOWN], seed=2)
-    both, offsets = concat_examples([up, down])
+    both = group_examples([up, down])
+    offsets = both.offsets
     assert both.name == f"{UP}+{DOWN}" and both.values.shape == (K, 2560)
     assert offsets == [0, 1280, 2560]
-    parts = split_sample(both.values[5], offsets, [up.shape, down.shape])
+    parts = split_group(both.values[5], offsets, [up.shape, down.shape])
     np.testing.assert_array_equal(parts[0], up.values[5])
     np.testing.assert_array_equal(parts[1], down.values[5])
 
     gen = get("zoo-diffusion")()
     state = gen.fit(both, TINY)
     (vec,) = gen.sample(state, 1, SampleSpec(both.shape), seed=0).arrays
-    a, b = split_sample(vec, offsets, [up.shape, down.shape])
+    a, b = split_group(vec, offsets, [up.shape, down.shape])
     assert a.shape == (320, 4) and b.shape == (4, 320)
     with pytest.raises(WeightsmithError, match="different checkpoint counts"):
-        concat_examples([up, walk(DOWN, tensors[DOWN], k=3)])
+        group_examples([up, walk(DOWN, tensors[DOWN], k=3)])
 
 
 @pytest.mark.gpu

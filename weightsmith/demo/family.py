@@ -105,13 +105,12 @@ def build_family(
         facts_path.write_text(json.dumps(costs))
     block = choose_block(costs)
     patterns = group_patterns(block)
-    size = base.name
-    tag = f"{size}-{plan.kind}-k{plan.members}-s{zoo_seed}"
+    tag = f"{base.name}-{plan.kind}-k{plan.members}-s{zoo_seed}"
     total = plan.members + plan.gold
     if plan.kind == "finetune":
         chosen = slices(total, zoo_seed)
         names = tuple(s.name for s in chosen)
-        datas = [lambda s=s: s.read("train") for s in chosen]
+        datas = [s.read("train") for s in chosen]
         text = slice_text(chosen, plan.per_slice)
     else:
         from weightsmith.demo.train import LMSpec, corpus
@@ -119,12 +118,12 @@ def build_family(
         spec = LMSpec(**json.loads((base / "training.json").read_text())["spec"])
         names = tuple(f"init{i}" for i in range(total))
         train, held = corpus(spec.train_bytes, spec.heldout_bytes)
-        datas = [lambda: train] * total
+        datas = [train] * total
         text = held[: plan.per_slice * total].decode("utf-8", errors="ignore").encode("utf-8")
     folder = base.parent / f"family-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     urls = []
-    base_url = extract(str(base), ExtractOptions(store=store, name=size, images=images)).model_url
+    base_url = extract(str(base), ExtractOptions(store=store, name=base.name, images=images)).model_url
     for i, (name, data) in enumerate(zip(names, datas, strict=True)):
         spec = FineTuneSpec(
             slice=name,
@@ -134,7 +133,7 @@ def build_family(
             reinit=plan.kind == "independent",
         )
         out = folder / f"m{i}-{name}"
-        fine_tune(base, out, block, spec, data())
+        fine_tune(base, out, block, spec, data)
         urls.append(extract(str(out), ExtractOptions(store=store, name=f"{tag}-m{i}", images="none")).model_url)
         progress(i + 1, total)
     with_base = base_url if plan.kind == "finetune" else None

@@ -20,6 +20,7 @@ slices and the fine-tunes' seeds.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import shutil
@@ -115,8 +116,6 @@ def group_patterns(block: int) -> tuple[str, ...]:
 
 
 def _group_params(model, block: int) -> dict:
-    import fnmatch
-
     pats = group_patterns(block)
     return {n: p for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in pats)}
 

@@ -57,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -77,10 +77,8 @@ from weightsmith.generators.base import (
     SampleSpec,
     State,
     device_name,
-    group_examples,
     moments,
     sample_seed,
-    split_group,
 )
 from weightsmith.generators.budget import FitRecord, Plateau, budget, finish
 
@@ -278,22 +276,6 @@ class ZooDiffusion(Generator):
 
 
 # -- tensor sets ---------------------------------------------------------------------------
-
-
-def concat_examples(examples: Sequence[Examples], name: str | None = None) -> tuple[Examples, list[int]]:
-    """A tensor set (e.g. a layer's weight and bias) as one group (`group_examples`) and its offsets.
-
-    Returns:
-        Examples of shape (K, D) with D the sum of the tensors' sizes, and the offsets
-        (len(examples) + 1 of them) of each tensor in the flat vector, for `split_sample`.
-    """
-    group = group_examples(examples, name)
-    return group, group.offsets
-
-
-def split_sample(vec: np.ndarray, offsets: Sequence[int], shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-    """The tensors of one sample of a set made by `concat_examples` (views of `vec`)."""
-    return split_group(vec, offsets, shapes)
 
 
 # -- latent width --------------------------------------------------------------------------
