@@ -27,6 +27,10 @@ fsspec's HTTP client): one whole-object GET, our ranged reader alone (every tens
 on `UNIT_WORKERS` threads: what extraction reads), extraction with `--images none` and `all`
 (no revision: the content revision comes from the one read), and runai-model-streamer where
 it is installed. Target: extraction with `--images none` at least 0.9x our reader alone.
+Beside each row, the CPU seconds of the S3 server (SeaweedFS, psutil) during it; and once per
+round the same extraction from the local file in the page cache, no network: the processing
+alone (hashing, statistics, compression, writes). On a machine whose cores the server shares,
+extraction cannot beat (its CPU + the server's CPU) / cores: the bench prints that bound.
 """
 
 from __future__ import annotations
@@ -272,6 +276,7 @@ def remote_bench(src: Path, work: Path, repeat: int) -> dict:
         if runai_installed():
             methods.append(("runai", {}))
         runs: dict[tuple[str, str], list[dict]] = {}
+        c.warm(src)
         for _ in range(repeat):
             for proto, url in urls.items():
                 for method, extra in methods:
@@ -282,12 +287,21 @@ def remote_bench(src: Path, work: Path, repeat: int) -> dict:
                     c.remove(store)
                     c.settle()
                     spec = {"method": method, "url": url, "store": str(store), **extra}
-                    runs.setdefault((proto, label), []).append(c.run_child(SCRIPT, spec))
+                    server_cpu = _process_cpu(server.pid)
+                    r = c.run_child(SCRIPT, spec)
+                    r["server_cpu_seconds"] = _process_cpu(server.pid) - server_cpu
+                    runs.setdefault((proto, label), []).append(r)
+            # the floor: the same extraction from the local file in the page cache (no network)
+            c.remove(work / "store")
+            c.settle()
+            spec = {"method": "extract", "url": str(src), "store": str(work / "store"), "images": "none"}
+            runs.setdefault(("local", "extract images=none"), []).append(c.run_child(SCRIPT, spec))
             c.remove(work / "store")
         return {
             "source_bytes": src.stat().st_size,
             "upload_seconds": upload_s,
             "runai": runai_installed(),
+            "cores": c.machine().get("usable_cores"),
             "rows": {f"{p}: {m}": _best(rs) for (p, m), rs in runs.items()},
         }
     finally:
@@ -299,17 +313,34 @@ def remote_bench(src: Path, work: Path, repeat: int) -> dict:
                 os.environ[k] = v
 
 
-def remote_table(res: dict) -> tuple[str, list[tuple[str, bool, str]]]:
-    size = res["source_bytes"]
-    rows, checks = [], []
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far (the S3 server's)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def remote_table(res: dict) -> tuple[str, list[tuple[str, bool, str]], list[str]]:
+    """The table, the targets, and what bounds extraction here (CPU of client and server)."""
+    size, cores = res["source_bytes"], res.get("cores") or 1
+    rows, checks, notes = [], [], []
+    local = res["rows"].get("local: extract images=none")
     for proto in ("s3", "http"):
         reader = res["rows"].get(f"{proto}: reader")
-        for key, r in res["rows"].items():
-            if not key.startswith(f"{proto}: "):
-                continue
+        keyed = [(k, r) for k, r in res["rows"].items() if k.startswith(f"{proto}: ")]
+        for key, r in keyed + ([("local file: extract images=none", local)] if local and reader else []):
             mbs = size / c.MB / r["seconds"]
             ratio = r["seconds"] and reader["seconds"] / r["seconds"]
             read = r.get("bytes_read")
+            server = r.get("server_cpu_seconds")
             rows.append(
                 [
                     key,
@@ -317,6 +348,7 @@ def remote_table(res: dict) -> tuple[str, list[tuple[str, bool, str]]]:
                     f"{mbs:,.0f}",
                     c.fmt_ratio(ratio),
                     f"{r['cpu_seconds']:.1f}",
+                    "" if server is None else f"{server:.1f}",
                     c.fmt_mb(r["rss_bytes"]),
                     "" if read is None else f"{read / size:.3f}",
                 ]
@@ -332,8 +364,22 @@ def remote_table(res: dict) -> tuple[str, list[tuple[str, bool, str]]]:
                     f"{size / c.MB / reader['seconds']:,.0f} MB/s)",
                 )
             )
-    headers = ["method", "seconds", "MB/s", "x reader", "CPU s", "peak RSS MB", "bytes read / size"]
-    return c.table(headers, rows), checks
+            if "server_cpu_seconds" in ours:
+                busy = ours["cpu_seconds"] + ours["server_cpu_seconds"]
+                notes.append(
+                    f"{proto}: extraction and server together used {busy:.1f} CPU s, at least "
+                    f"{busy / cores:.2f}s on {cores} cores "
+                    f"({reader['seconds'] / (busy / cores):.2f}x the reader at best); "
+                    f"the reader and server {reader['cpu_seconds'] + reader['server_cpu_seconds']:.1f} CPU s"
+                )
+    if local:
+        notes.append(
+            f"local file (page cache, no network): extraction alone {local['seconds']:.2f}s, "
+            f"{local['cpu_seconds']:.1f} CPU s: the processing (hash, statistics, compression, writes) "
+            "without any reading over the network"
+        )
+    headers = ["method", "seconds", "MB/s", "x reader", "CPU s", "server CPU s", "peak RSS MB", "bytes read / size"]
+    return c.table(headers, rows), checks, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         res = remote_bench(src, out / "runs" / f"s3-x{mult}", args.repeat)
         res["load"] = [load_before, c.load()]
         results["remote"] = res
-        text, checks = remote_table(res)
+        text, checks, notes = remote_table(res)
         print(
             f"== {mult}x from SeaweedFS on loopback ({res['source_bytes'] / c.MB:,.0f} MB, uploaded in "
             f"{res['upload_seconds']:.1f}s); runai-model-streamer "
@@ -742,7 +788,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"before: {load_before}; after: {res['load'][1]}")
         print(text + "\n")
-        print("== targets")
+        for note in notes:
+            print(note)
+        print("\n== targets")
         results["targets"] = [{"target": t, "pass": ok, "detail": d} for t, ok, d in checks]
         for target, ok, detail in checks:
             print(f"{'PASS' if ok else 'FAIL'}  {target}: {detail}")
