@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "out"  # git-ignored
 MB = 1_000_000
 RESULT_PREFIX = "BENCH-RESULT "
+# The fit budgets before issue 15 (bench/predict.py --whole-model, bench/quality.py): every tensor
+# alone (pack_bytes 0), fixed steps (200 + 400; zoo 1000 + 2000), no early stop.
+PREVIOUS_DEFAULTS = {
+    "tile-diffusion": {"early_stop": False, "ae_min_steps": 200, "unet_min_steps": 400},
+    "zoo-diffusion": {"early_stop": False, "ae_min_steps": 1000, "ddpm_min_steps": 2000},
+}
 
 
 # ---------------------------------------------------------------------------------------------

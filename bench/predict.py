@@ -175,11 +175,7 @@ def child(spec: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # --whole-model: every tensor of the demo's tiny trained model
 WHOLE_ZOO = {"checkpoints": 48, "every": 2}  # as the tiny demo's zoo, of every tensor
-# the previous defaults: every tensor alone, fixed steps (200 + 400; zoo 1000 + 2000), no early stop
-PREVIOUS = {
-    "tile-diffusion": {"early_stop": False, "ae_min_steps": 200, "unet_min_steps": 400},
-    "zoo-diffusion": {"early_stop": False, "ae_min_steps": 1000, "ddpm_min_steps": 2000},
-}
+PREVIOUS = c.PREVIOUS_DEFAULTS  # every tensor alone, fixed steps, no early stop
 # the fixed sample the previous defaults are timed on: a LayerNorm vector, a matrix, the largest
 PREVIOUS_SAMPLE = ("transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.weight", "transformer.wte.weight")
 
@@ -202,7 +198,7 @@ def whole_child(spec: dict) -> None:
     options = PredictOptions(
         layer=tuple(spec["layer"]),
         generator=spec["method"],
-        config=PREVIOUS[spec["method"]] if previous else {},
+        config=PREVIOUS[spec["method"]] if previous else spec.get("config", {}),
         zoo=spec["zoo"],
         images="none",
         device="cpu",
@@ -249,7 +245,7 @@ def whole_child(spec: dict) -> None:
     )
 
 
-def whole_model(out: Path) -> dict:
+def whole_model(out: Path, new_config: dict | None = None, methods=("tile-diffusion", "zoo-diffusion")) -> dict:
     """Build (once) the demo's tiny trained model and a zoo of all its tensors, then time both ways.
 
     New: every tensor, the library's defaults (one worker per core). Previous: the fixed sample
@@ -266,7 +262,7 @@ def whole_model(out: Path) -> dict:
     from weightsmith.store import Store
     from weightsmith.zoo import write_zoo
 
-    folder = state.cache_dir() / "demo-lm-tiny"  # where the demo caches it
+    folder = state.cache_dir() / "demo-base-tiny"  # where `weightsmith demo --size tiny` caches it
     cached = (folder / "model.safetensors").is_file()
     print(f"model:   the demo's tiny trained model, {folder} ({'cached' if cached else 'training it now'})", flush=True)
     torch.set_num_threads(min(4, c.machine().get("cores") or 1))
@@ -278,12 +274,14 @@ def whole_model(out: Path) -> dict:
     write_zoo(Store(str(root / "store")), zoo_id, collect_zoo(folder, ("*",), **WHOLE_ZOO))
     print(f"zoo:     {zoo_id}: {WHOLE_ZOO['checkpoints']} checkpoints of every tensor (continued training)\n")
     results: dict = {}
-    for method in ("tile-diffusion", "zoo-diffusion"):
+    for method in methods:
         zoo = zoo_id if method == "zoo-diffusion" else None
         runs = {}
         for mode, layer, threads in (("new", ["*"], 1), ("previous", list(PREVIOUS_SAMPLE), 1)):
             print(f"  {method} {mode} ...", end=" ", flush=True)
             spec = {"whole": True, "method": method, "mode": mode, "layer": layer, "zoo": zoo}
+            if mode == "new" and new_config and method in new_config:
+                spec["config"] = new_config[method]
             r = c.run_child(SCRIPT, {**spec, "model_url": url, "threads": threads}, timeout=7200)
             runs[mode] = r
             print(
@@ -517,6 +515,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every tensor of the demo's tiny trained model, new defaults vs. the previous ones (CPU)",
     )
+    p.add_argument(
+        "--new-config",
+        type=json.loads,
+        default=None,
+        help="--whole-model: JSON options per generator over the new defaults, e.g. '{\"tile-diffusion\": {...}}'",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["tile-diffusion", "zoo-diffusion"],
+        choices=["tile-diffusion", "zoo-diffusion"],
+        help="--whole-model: the generators to time (default: both)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -530,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     print(c.describe(machine, disk))
     if args.whole_model:
         started, load_before = time.perf_counter(), c.load()
-        results = whole_model(out)
+        results = whole_model(out, args.new_config, tuple(args.methods))
         table, lines = whole_table(results)
         print(f"\nbefore: {load_before}; after: {c.load()} (wall times: other work on the machine slows both)")
         print(table)
