@@ -1,20 +1,22 @@
 """Run every benchmark in bench/ and write bench/RESULTS.md.
 
-    .venv/bin/python bench/run_all.py [--quick] [--only extract pipeline predict demo]
-                                      [--results FILE] [--out DIR]
+    .venv/bin/python bench/run_all.py [--quick] [--only NAME ...] [--results FILE] [--out DIR]
 
 Runs, each as a subprocess with its own timeout and its output captured:
 
 - `bench/extract.py --layers-mult 1 4 16` (16x only when the free disk holds it, else 1 4 and a
   note; `--quick`: `--layers-mult 1 --repeat 1`);
+- `bench/extract.py --s3` (SeaweedFS and HTTP on loopback; `--quick`: `--repeat 1`);
 - `bench/pipeline.py` (`--quick`: `--size small`);
 - `bench/predict.py` (`--quick`: `--quick`);
-- `bench/demo.py` (`--quick`: `--size tiny`).
+- `bench/predict.py --whole-model` (not with `--quick`);
+- `bench/demo.py` (`--quick`: `--size tiny`);
+- `bench/quality.py --control` on the full demo's state the demo bench leaves (not with `--quick`).
 
 RESULTS.md holds the machine (CPU model, cores, RAM, free disk, GPU, load average before and
 after), each benchmark's output verbatim with its command, exit status and duration, and a
-summary table of every PASS/FAIL/SKIP line. The default run takes 25-60 minutes on 2 cores
-(the 16x extraction and the full demo dominate); `--quick` about 10 minutes.
+summary table of every PASS/FAIL/SKIP line. The default run takes 45-80 minutes on 2 cores
+(the 16x extraction, the full demo and the quality bench dominate); `--quick` about 10 minutes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ BENCH = Path(__file__).resolve().parent
 VERDICT = re.compile(r"\b(PASS|FAIL|SKIP)\b")
 STDERR_TAIL = 40  # lines of stderr kept in RESULTS.md when a benchmark fails
 GB = 1_000_000_000
+BENCHES = ["extract", "extract-s3", "pipeline", "predict", "predict-whole-model", "demo", "quality"]
 
 
 def extract_need(mult: int) -> int:
@@ -73,6 +76,12 @@ def plan(quick: bool, out: Path) -> tuple[list[dict], list[str]]:
             "timeout": 900 if quick else 600 * len(mults) + (1800 if "16" in mults else 0),
         },
         {
+            "name": "extract-s3",
+            "argv": [py, str(BENCH / "extract.py"), "--s3", "--layers-mult", "1", "--repeat", "1" if quick else "3"]
+            + out_args,
+            "timeout": 900,
+        },
+        {
             "name": "pipeline",
             "argv": [py, str(BENCH / "pipeline.py"), *(["--size", "small"] if quick else [])] + out_args,
             "timeout": 600 if quick else 1200,
@@ -83,11 +92,25 @@ def plan(quick: bool, out: Path) -> tuple[list[dict], list[str]]:
             "timeout": 1200 if quick else 1800,
         },
         {
+            "name": "predict-whole-model",
+            "argv": [py, str(BENCH / "predict.py"), "--whole-model", *out_args],
+            "timeout": 3600,
+        },
+        {
             "name": "demo",
             "argv": [py, str(BENCH / "demo.py"), "--size", "tiny" if quick else "full", *out_args],
             "timeout": 1200 if quick else 3600,
         },
+        {
+            # after the demo bench: it reuses the full demo's base and family left in out
+            "name": "quality",
+            "argv": [py, str(BENCH / "quality.py"), "--control", "--home", str(out / "demo-home-full")],
+            "timeout": 3600,
+        },
     ]
+    if quick:
+        notes.append("predict --whole-model and quality skipped with --quick (each takes 6-20 minutes)")
+        benches = [b for b in benches if b["name"] not in ("predict-whole-model", "quality")]
     return benches, notes
 
 
@@ -226,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["extract", "pipeline", "predict", "demo"],
+        choices=BENCHES,
         help="run only these benchmarks",
     )
     p.add_argument("--out", type=Path, default=c.DEFAULT_OUT, help="work folder (bench/out)")
