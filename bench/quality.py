@@ -1,6 +1,7 @@
 """Quality of the data-sized fit budgets: new defaults against the previous fixed-step ones.
 
-    .venv/bin/python bench/quality.py [--samples 8] [--home DIR] [--json FILE]
+    .venv/bin/python bench/quality.py [--control] [--samples 8] [--home DIR] [--generators ...]
+                                      [--new-config JSON] [--json FILE]
 
 Issue 15 changed how the generators that train spend their steps (budgets that follow the
 data, early stopping at a validation plateau, small same-role tensors packed). This checks
@@ -8,20 +9,19 @@ that quality held, on the demo's trained model and zoo (`weightsmith demo --size
 base model, its chosen MLP block and the zoo of K = 6 fine-tunes, built or reused under
 --home, by default the demo benchmark's state), with the demo's text and joint fits:
 
-- for each generator that trains, two labels: `new` (the library's defaults) and `previous`
-  (`PREVIOUS_DEFAULTS`: every tensor alone, fixed steps, no early stop), one fit each with the
-  same seed, `--samples` samples each (at least 8);
+- for each generator that trains, two labels: `new` (the library's defaults, or --new-config
+  over them) and `previous` (`PREVIOUS_DEFAULTS`: every tensor alone, fixed steps, no early
+  stop), each fitted once per seed in `FIT_SEEDS`, `--samples` samples per fit (at least 8);
+  `--control` adds the previous defaults fitted on `CONTROL_SEEDS`, compared with `previous`
+  (an A/A check that the SE covers fit-to-fit variation);
 - all of them scored in one vetting report (`weightsmith.vetting.vet_group`: the same held-out
-  text, the same evaluators), so the labels are paired:
-  - NLL per byte: new - previous with the vetting's paired bootstrap SE
-    (`weightsmith.vet.statistics.bootstrap`: the text blocks drawn once for both labels);
-  - weight novelty (the report's group novelty of each sample): new - previous per sample
-    index, paired because sample i of both labels draws the same noise (same seed, sample and
-    tensor name), SE = std of the differences / sqrt(n).
+  text, the same evaluators), then for NLL per byte and the report's weight novelty of each
+  sample: new - previous with a paired bootstrap SE (`paired`: fits, samples within fits and
+  text blocks drawn once for both labels, since fit f and sample s of both used the same seeds).
 
-Target (issue 15): both differences within 2 SE of zero, for every generator. Fit seconds are
-printed beside them (wall, on whatever else the machine runs). Nothing is asserted and the exit
-status is 0 whether the targets pass or not.
+Target (issue 15): both differences within 2 SE of zero, for every generator. Fit seconds and
+steps are printed beside them (wall, on whatever else the machine runs). Nothing is asserted
+and the exit status is 0 whether the targets pass or not.
 """
 
 from __future__ import annotations
@@ -164,6 +164,8 @@ def paired(a, b, weights) -> dict:
     (one block of weight 1 for a per-sample value). Each replicate draws the fits with
     replacement, then the samples within each drawn fit, then the blocks (`REPLICATES`, seeded),
     the same draws for both labels; a label's value is sum(values) / sum(weights) over the draw.
+    Unlike `statistics.bootstrap` (labels of different generators: only the text blocks are
+    shared), the fits and samples are paired too.
     """
     import numpy as np
 
@@ -183,8 +185,8 @@ def paired(a, b, weights) -> dict:
         si = rng.integers(0, s, (f, s))
         bw = rng.multinomial(k, np.full(k, 1.0 / k)).astype(np.float64) if k > 1 else np.ones(1)
         reps.append(value(a, fi, si, bw) - value(b, fi, si, bw))
-    mean = lambda x: float(x.sum() / (w.sum() * f * s))  # noqa: E731
-    return {"a": mean(a), "b": mean(b), "d": mean(a) - mean(b), "se": float(np.std(reps, ddof=1))}
+    ma, mb = (float(x.sum() / (w.sum() * f * s)) for x in (a, b))
+    return {"a": ma, "b": mb, "d": ma - mb, "se": float(np.std(reps, ddof=1))}
 
 
 def _steps(model, pred_ids: list[str]) -> dict:
@@ -205,7 +207,7 @@ def _steps(model, pred_ids: list[str]) -> dict:
     return {net: f"{s}/{b} steps in {n} fits" for net, (s, b, n) in totals.items()}
 
 
-def print_results(res: dict) -> list[str]:
+def print_results(res: dict) -> None:
     rows, checks = [], []
     for r in res["generators"].values():
         for pair, metrics in r["comparisons"].items():
@@ -230,7 +232,6 @@ def print_results(res: dict) -> list[str]:
     print("\n== targets (new against previous; a control row is the previous defaults against themselves)")
     for line in checks:
         print(line)
-    return checks
 
 
 def main(argv: list[str] | None = None) -> int:
