@@ -278,3 +278,34 @@ def test_the_budget_grows_with_the_distinct_crops() -> None:
     assert budget(100, 0.5, floor=8, cap=100) == 50  # in between: crops x passes / batch
     assert budget(10_000, 0.5, floor=8, cap=100) == 100  # the cap
     assert budget(10, 0.5, floor=200, cap=100) == 100  # a cap below the floor wins
+
+
+def test_each_part_of_a_stack_keeps_its_own_scale() -> None:
+    # a LayerNorm-like weight (near 1, spread 0.01) stacked with a bias-like part (near 0, spread
+    # 0.5), as a joint fit or a role pack gives them: fitted on one scale, the weight's samples
+    # land tens of its own stds from every example; normalised apart, a few at most
+    rng = np.random.default_rng(0)
+    k, n = 4, 64
+    weight = 1.0 + 0.01 * rng.standard_normal((k, n))
+    bias = 0.5 * rng.standard_normal((k, n))
+    stack = Examples("ln.weight + ln.bias", np.stack([weight, bias], axis=1).astype(np.float32), parts=("w", "b"))
+    spec = SampleSpec(stack.shape)
+
+    def weight_novelty(state: State) -> float:
+        """The weight part's RMS distance to its nearest example, in its examples' std, over 4 samples."""
+        samples = TileDiffusion().sample(state, 4, spec, seed=0).arrays
+        return max(float(np.sqrt(((s[0] - weight) ** 2).mean(axis=1).min())) / float(weight.std()) for s in samples)
+
+    apart = TileDiffusion().fit(stack, TINY)
+    shared = TileDiffusion().fit(stack, {**TINY, "normalise_parts": False})
+    centers = [z["center"] for z in apart.info["part_normalizers"]]
+    assert centers[0] == pytest.approx(1.0, abs=0.01) and centers[1] == pytest.approx(0.0, abs=0.2)
+    assert "part_normalizers" not in shared.info
+    near, far = weight_novelty(apart), weight_novelty(shared)
+    assert near < 5 and far > 3 * near, (near, far)
+
+    # a chunk across the two parts is that run of the whole sample, each value on its part's scale
+    chunk = Chunk(offset=40, size=60)
+    part = TileDiffusion().sample(apart, 1, SampleSpec(stack.shape, chunk), seed=0).arrays[0]
+    whole = TileDiffusion().sample(apart, 1, spec, seed=0).arrays[0]
+    np.testing.assert_allclose(part, whole.reshape(-1)[40:100], rtol=1e-4, atol=1e-5)
