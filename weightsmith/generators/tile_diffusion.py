@@ -80,7 +80,6 @@ from weightsmith.generators.base import (
 )
 from weightsmith.generators.budget import FitRecord, Plateau, budget, finish
 
-_F32_MAX = float(np.finfo(np.float32).max)
 _COORDS = 2  # extra UNet input channels: normalised row and column of each pixel
 _RESIDUAL_TILES = 4096  # the residual std is measured on at most this many grid tiles
 _BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]  # diffusers beta schedules
@@ -623,13 +622,12 @@ def _unnormalise_parts(values: np.ndarray, state: State, spec: SampleSpec) -> np
         return values
     per = math.prod(spec.shape[1:])  # values of one part
     start = 0 if spec.chunk is None else spec.chunk.offset
-    part = (start + np.arange(values.size)) // per  # the part of every value, in C order
-    center = np.array([z["center"] for z in norms])[part]
-    scale = np.array([z["scale"] for z in norms])[part]
-    x = values.astype(np.float64).reshape(-1) * scale + center
-    finite = np.isfinite(x)
-    np.clip(x, -_F32_MAX, _F32_MAX, out=x, where=finite)  # as Normalizer.invert
-    return x.astype(np.float32).reshape(values.shape)
+    flat, out = values.reshape(-1), np.empty(values.size, dtype=np.float32)
+    for j, z in enumerate(norms):  # the parts this run of values covers, in C order
+        a, b = max(j * per - start, 0), min((j + 1) * per - start, flat.size)
+        if a < b:
+            out[a:b] = Normalizer.from_dict(z).invert(flat[a:b])
+    return out.reshape(values.shape)
 
 
 def _assemble(layout: TileLayout, index: np.ndarray, tiles: np.ndarray, spec: SampleSpec) -> np.ndarray:
