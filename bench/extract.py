@@ -22,8 +22,8 @@ the exit status is 0 whether the targets pass or not.
 
 --s3 replaces the comparison above with extraction from a remote source at the smallest size:
 it starts SeaweedFS (loopback), uploads the model and, in interleaved rounds, each method in a
-fresh child (imports excluded) reads it over S3 (s3fs) and over HTTP (the filer's ranged GETs,
-fsspec's HTTP client): one whole-object GET, our ranged reader alone (every tensor, in blocks,
+fresh child (imports excluded) reads it over S3 and over HTTP (the filer's ranged GETs): one
+whole-object GET, our ranged reader alone (every tensor, in blocks,
 on `UNIT_WORKERS` threads: what extraction reads), extraction with `--images none` and `all`
 (no revision: the content revision comes from the one read), and runai-model-streamer where
 it is installed. Target: extraction with `--images none` at least 0.9x our reader alone.
@@ -163,8 +163,8 @@ TARGET_REMOTE = 0.9  # extraction (images none) at least this fraction of our re
 def _child_get(spec: dict) -> None:
     """One whole-object GET: boto3 for S3, urllib for HTTP, the body read in 8 MB pieces.
 
-    Every method makes its S3 client within its time (s3fs and runai-model-streamer do, in the
-    call): loading botocore's S3 model costs about 0.5 CPU s here.
+    Every method makes its S3 client within its time (our reader and runai-model-streamer do,
+    in the call): loading botocore's S3 model costs about 0.5 CPU s here.
     """
     rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()
     got = 0
@@ -172,7 +172,7 @@ def _child_get(spec: dict) -> None:
         import boto3
 
         bucket, key = spec["url"][5:].split("/", 1)
-        started = time.perf_counter()  # the client is made in the time, as s3fs's is by the others
+        started = time.perf_counter()  # the client is made in the time, as the others make theirs
         body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
     else:
         import urllib.request
@@ -227,7 +227,7 @@ def _child_extract(spec: dict) -> None:
 def _child_runai(spec: dict) -> None:
     import os
 
-    os.environ.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")  # path-style, as s3fs here
+    os.environ.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")  # path-style, as ours here
     from runai_model_streamer import SafetensorsStreamer
 
     rss_start, cpu_start = c.peak_rss(), c.cpu_seconds()

@@ -1,8 +1,9 @@
 """Shared fixtures: the fixture files, a real S3 server (SeaweedFS) and a ranged HTTP server.
 
 Both servers are real network servers on 127.0.0.1, so readers are tested through the same
-fsspec/s3fs/aiohttp code paths as in production, and the HTTP server counts the body bytes
-it sends so tests can prove that only the ranges asked for were fetched.
+code paths as in production (fsspec/s3fs/aiohttp for headers, listings and stores; botocore and
+urllib3 for the ranged reads), and the HTTP server counts the body bytes it sends so tests can
+prove that only the ranges asked for were fetched.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class RangeHTTPServer:
 class RangeRequestHandler(BaseHTTPRequestHandler):
     """GET and HEAD of files under the owner's root, with single `bytes=` ranges."""
 
-    # HTTP/1.1 keeps aiohttp's connections alive, as real servers do; every reply has a length.
+    # HTTP/1.1 keeps the clients' connections alive, as real servers do; every reply has a length.
     protocol_version = "HTTP/1.1"
     owner: RangeHTTPServer  # set on the subclass made per server
 

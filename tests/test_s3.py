@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import s3fs
 from safetensors.numpy import save_file
 
 from weightsmith import ranged
 from weightsmith.dev.seaweed import S3Server
 from weightsmith.extract import ExtractOptions, extract
 from weightsmith.model import parse_model_url
-from weightsmith.ranged import open_reader, s3_options
+from weightsmith.ranged import open_reader
 from weightsmith.restore import restore
 from weightsmith.sources import open_source
 from weightsmith.sources.safetensors import parse_safetensors
@@ -183,18 +182,24 @@ def test_missing_bucket_is_one_line(home: Path, s3_env: S3Server, tmp_path: Path
 # only the ranges asked for
 
 
-class CountingS3(s3fs.S3FileSystem):
-    """s3fs that records every GetObject: its Range header and the bytes the server returned."""
+@pytest.fixture
+def s3_gets(s3_env: S3Server) -> list[tuple[str | None, int]]:
+    """Every GetObject the ranged reader sends (its botocore client's own events): the Range
+    header asked for and the body length the server answered with."""
+    gets: list[tuple[str | None, int]] = []
+    client = ranged.s3_client()
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gets: list[tuple[str | None, int]] = []
+    def asked(params: dict, context: dict, **_) -> None:
+        context["range"] = params["headers"].get("Range")
 
-    async def _call_s3(self, method, *akwarglist, **kwargs):
-        response = await super()._call_s3(method, *akwarglist, **kwargs)
-        if method == "get_object":
-            self.gets.append((kwargs.get("Range"), int(response["ContentLength"])))
-        return response
+    def answered(parsed: dict, context: dict, **_) -> None:
+        gets.append((context.get("range"), int(parsed["ContentLength"])))
+
+    client.meta.events.register("before-call.s3.GetObject", asked, unique_id="test-s3-gets-asked")
+    client.meta.events.register("after-call.s3.GetObject", answered, unique_id="test-s3-gets-answered")
+    yield gets
+    client.meta.events.unregister("before-call.s3.GetObject", unique_id="test-s3-gets-asked")
+    client.meta.events.unregister("after-call.s3.GetObject", unique_id="test-s3-gets-answered")
 
 
 @pytest.fixture
@@ -206,16 +211,15 @@ def big_model(s3_bucket: str, s3_env: S3Server, tmp_path: Path) -> tuple[Path, s
     return local, f"s3://{s3_bucket}/big/model.safetensors"
 
 
-def test_one_tensor_fetches_only_header_and_its_range(big_model: tuple[Path, str]) -> None:
+def test_one_tensor_fetches_only_header_and_its_range(big_model: tuple[Path, str], s3_gets: list) -> None:
     local, url = big_model
-    fs = CountingS3(**s3_options(), skip_instance_cache=True)
-    reader = open_reader(url, fs=fs)
+    reader = open_reader(url)
     _, entries = parse_safetensors(reader, 0, "model.safetensors")
     entry = next(e for e in entries if e.name == "layer.3.weight")
     data = reader.read(entry.start, entry.end)
     assert data == local.read_bytes()[entry.start : entry.end]
     hdr = header_size(local)
-    assert fs.gets == [
+    assert s3_gets == [
         ("bytes=0-7", 8),
         (f"bytes=8-{hdr - 1}", hdr - 8),
         (f"bytes={entry.start}-{entry.end - 1}", entry.nbytes),
@@ -250,16 +254,15 @@ def test_include_extracts_only_the_selected_tensor_bytes(big_model: tuple[Path, 
 
 
 def test_concurrent_ranges_give_the_bytes_of_one_get(
-    big_model: tuple[Path, str], s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+    big_model: tuple[Path, str], s3_env: S3Server, s3_bucket: str, s3_gets: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local, url = big_model
     monkeypatch.setattr(ranged, "RANGE_BYTES", 1 << 20)
-    fs = CountingS3(**s3_options(), skip_instance_cache=True)
-    reader = open_reader(url, fs=fs)
+    reader = open_reader(url)
     whole = s3_env.client().get_object(Bucket=s3_bucket, Key="big/model.safetensors")["Body"].read()
     assert reader.read_array(0, reader.size).tobytes() == whole == local.read_bytes()
-    assert len(fs.gets) == -(-reader.size // (1 << 20))  # one GET per range, none twice
-    assert sum(n for _, n in fs.gets) == reader.bytes_read == reader.size
+    assert len(s3_gets) == len(set(s3_gets)) == -(-reader.size // (1 << 20))  # one GET per range, none twice
+    assert sum(n for _, n in s3_gets) == reader.bytes_read == reader.size
     entry = open_source(url).tensors["layer.4.weight"]
     assert reader.read(entry.start, entry.end) == whole[entry.start : entry.end]
 

@@ -1,11 +1,17 @@
 """One ranged reader for every source: local files, s3:// and http(s):// URLs.
 
-Only the bytes asked for are fetched: `read(start, end)` is a `cat_file(path, start, end)` (a
-ranged GET on S3 and HTTP), never a read-ahead cache. A remote read above `RANGE_BYTES` is cut
-into ranges fetched at once on a shared pool, into one buffer; the remote bytes in flight of
-the whole process stay under `READ_BUDGET_BYTES`, and a range that fails or comes back short is
-fetched again (`RETRIES` times). Filesystems come from `fs_for(url)`, which takes S3 endpoint,
-keys and region from the standard AWS variables.
+Only the bytes asked for are fetched: `read(start, end)` is one ranged GET on S3 and HTTP (a
+`cat_file(path, start, end)` on other filesystems), never a read-ahead cache. A remote read above
+`RANGE_BYTES` is cut into ranges fetched at once on a shared pool, into one buffer; the remote
+bytes in flight of the whole process stay under `READ_BUDGET_BYTES`, and a range that fails or
+comes back short is fetched again (`RETRIES` times). Filesystems come from `fs_for(url)`, which
+takes S3 endpoint, keys and region from the standard AWS variables.
+
+Headers, listings and sizes go through fsspec. The range GETs on S3 and HTTP do not: they go
+through a blocking botocore client (`s3_client`, made from the same variables) or a urllib3
+pool, and the body is received straight into the caller's buffer. On this machine s3fs's
+`cat_file` (aiohttp: a body gathered in small pieces, joined, then copied in) cost about twice
+the CPU per byte, which on 2 cores is time taken from hashing and writing.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlparse
 
 import fsspec
@@ -43,6 +50,22 @@ def _range_pool() -> ThreadPoolExecutor:
         if _pool is None:  # the GETs wait on the network, not the CPU: more threads than cores
             _pool = ThreadPoolExecutor(READ_BUDGET_BYTES // RANGE_BYTES, thread_name_prefix="weightsmith-range")
         return _pool
+
+
+class Getter(Protocol):
+    """One ranged GET of [start, end) of `path` into `out` (end - start bytes); returns the bytes
+    the server sent (fewer is a short read). Missing: FileNotFoundError; denied: PermissionError."""
+
+    def __call__(self, path: str, start: int, end: int, out: memoryview) -> int: ...
+
+
+class HTTPStatusError(Exception):
+    """A ranged GET answered with an error status (`status`: 503, ...); not an OSError, which
+    extraction reads as a problem of the store."""
+
+    def __init__(self, url: str, status: int, start: int, end: int):
+        super().__init__(f"{url}: HTTP {status} for bytes {start}-{end - 1}")
+        self.status = status
 
 
 def s3_options() -> dict:
@@ -91,6 +114,146 @@ def join_url(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if "://" in base else os.path.join(base, *parts)
 
 
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def s3_client():
+    """This process's botocore S3 client for the current AWS variables (thread-safe, one per setting).
+
+    The same endpoint, region, addressing and timeouts as the s3fs of `fs_for`, with a
+    connection for every range the read budget lets run at once.
+    """
+    options = s3_options()
+    key = (repr(options), tuple(os.environ.get(k) for k in _CREDENTIALS))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import botocore.session
+            from botocore.config import Config
+
+            config = Config(**options["config_kwargs"], max_pool_connections=_budget_slots() + 4)
+            client = botocore.session.get_session().create_client("s3", **options["client_kwargs"], config=config)
+            _clients[key] = client
+        return client
+
+
+def _budget_slots() -> int:
+    return READ_BUDGET_BYTES // RANGE_BYTES
+
+
+def _http_pool():
+    """This process's urllib3 pool for ranged HTTP GETs: redirects followed, no retries of its
+    own (the reader retries a failed range), the timeouts of the S3 client."""
+    import urllib3
+
+    with _clients_lock:
+        pool = _clients.get(("http",))
+        if pool is None:
+            retries = urllib3.Retry(total=10, connect=0, read=0, status=0, other=0, redirect=10)
+            timeout = urllib3.Timeout(connect=10, read=120)
+            pool = _clients[("http",)] = urllib3.PoolManager(
+                maxsize=_budget_slots() + 4, retries=retries, timeout=timeout
+            )
+        return pool
+
+
+def _receive(raw, out: memoryview) -> int:
+    """Read a urllib3 response body into `out` until it is full or the body ends; the bytes read.
+
+    The body goes from the socket into `out` (http.client's `readinto`), not through urllib3's
+    `read`, which copies every piece once more; a body with a content encoding goes through
+    urllib3 (our requests ask for none).
+    """
+    fp = getattr(raw, "_fp", None)
+    plain = fp is not None and not raw.headers.get("Content-Encoding") and hasattr(fp, "readinto")
+    got = 0
+    while got < len(out):
+        n = fp.readinto(out[got:]) if plain else raw.readinto(out[got:])
+        if not n:
+            break
+        got += n
+    if got == len(out) and (fp.read(1) if plain else raw.read(1)):
+        got += 1  # more than the range: the caller sees a count it did not ask for
+    return got
+
+
+def _done(raw, whole: bool) -> None:
+    """Give a response's connection back to the pool after a whole body; else drop it (unread
+    bytes would be taken for the next response)."""
+    if whole:
+        raw.release_conn()
+    else:
+        raw.close()
+
+
+def s3_getter(path: str) -> Getter:
+    """Ranged GETs of objects of `s3_client()`; `path` is bucket/key."""
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = path.partition("/")
+    client = s3_client()
+
+    def get(_: str, start: int, end: int, out: memoryview) -> int:
+        try:
+            response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "NoSuchBucket", "404"):
+                raise FileNotFoundError(f"s3://{path}: {code}") from e
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise PermissionError(f"s3://{path}: {code}") from e
+            raise
+        raw = response["Body"]._raw_stream  # urllib3's response: its bytes go straight into `out`
+        try:
+            got = _receive(raw, out)
+        except BaseException:
+            raw.close()
+            raise
+        _done(raw, got == len(out))
+        return got
+
+    return get
+
+
+def http_getter(url: str) -> Getter:
+    """Ranged GETs of `url` through `_http_pool()`."""
+    pool = _http_pool()
+
+    def get(_: str, start: int, end: int, out: memoryview) -> int:
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        raw = pool.request("GET", url, headers=headers, preload_content=False, decode_content=False)
+        try:
+            if raw.status == 404:
+                raise FileNotFoundError(f"{url}: HTTP 404")
+            if raw.status in (401, 403):
+                raise PermissionError(f"{url}: HTTP {raw.status}")
+            if raw.status == 200 and not (start == 0 and raw.headers.get("Content-Length") == str(end)):
+                raise WeightsmithError(url, "the server ignores byte ranges (HTTP 200 for a Range request)")
+            if raw.status not in (200, 206):
+                raise HTTPStatusError(url, raw.status, start, end)
+            got = _receive(raw, out)
+        except BaseException:
+            raw.close()
+            raise
+        _done(raw, got == len(out))
+        return got
+
+    return get
+
+
+def getter_for(fs: fsspec.AbstractFileSystem, path: str) -> Getter | None:
+    """The direct ranged GET for an S3 or HTTP filesystem; None for others (they use cat_file)."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    if any(c.__name__ == "S3FileSystem" for c in type(fs).__mro__):  # s3fs, without importing it
+        return s3_getter(path)
+    if isinstance(fs, HTTPFileSystem):
+        return http_getter(path)
+    return None
+
+
 @dataclass
 class RangedReader:
     """Reads byte ranges of one file; counts what it fetched (tests and benchmarks read it)."""
@@ -102,11 +265,15 @@ class RangedReader:
     bytes_read: int = field(default=0)
     retries: int = field(default=0)  # short ranges fetched again (tests read it)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # bytes_read
+    _get: Getter | None = field(default=None, init=False, repr=False, compare=False)  # S3 and HTTP ranges
 
     @property
     def local(self) -> bool:
         """Whether the file is on this machine's file system (read into arrays, fingerprinted)."""
         return isinstance(self.fs, LocalFileSystem)
+
+    def __post_init__(self) -> None:
+        self._get = None if self.local else getter_for(self.fs, self.path)
 
     def read(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file; a short read is an error naming the file."""
@@ -116,7 +283,9 @@ class RangedReader:
         if not self.local and end - start > RANGE_BYTES:
             return self.read_array(start, end).tobytes()
         if not self.local:
-            return self._fetch(start, end)
+            out = bytearray(end - start)
+            self._fetch(start, end, memoryview(out))
+            return bytes(out)
         data = self.fs.cat_file(self.path, start=start, end=end)
         self._count(start, end, len(data))
         return data
@@ -125,7 +294,7 @@ class RangedReader:
         """Bytes [start, end) as a uint8 array: `out` (that many bytes) when given, else a new one.
 
         A local file is read straight into the array, without a bytes object in between; a
-        remote one in ranges of `RANGE_BYTES` fetched at once, each copied in as it arrives.
+        remote one in ranges of `RANGE_BYTES` fetched at once, each received into its place.
         """
         if start == end:
             return np.empty(0, np.uint8) if out is None else out
@@ -149,10 +318,11 @@ class RangedReader:
     def _fetch_into(self, start: int, end: int, out: np.ndarray) -> None:
         """Fetch [start, end) into `out` as ranges in flight at once (within the process budget)."""
         bounds = [(s, min(end, s + RANGE_BYTES)) for s in range(start, end, RANGE_BYTES)]
+        view = memoryview(out).cast("B")
 
         def one(s: int, e: int) -> None:
             with _budget:
-                out[s - start : e - start] = np.frombuffer(self._fetch(s, e), np.uint8)
+                self._fetch(s, e, view[s - start : e - start])
 
         if len(bounds) == 1:
             one(*bounds[0])
@@ -168,29 +338,35 @@ class RangedReader:
                 if not f.cancelled():
                     f.exception()
 
-    def _fetch(self, start: int, end: int) -> bytes:
-        """One ranged GET of [start, end), again after a failure or a short body (`RETRIES` times)."""
+    def _fetch(self, start: int, end: int, out: memoryview) -> None:
+        """One ranged GET of [start, end) into `out`, again after a failure or a short body (`RETRIES` times)."""
         for attempt in range(RETRIES + 1):
             try:
-                data = self.fs.cat_file(self.path, start=start, end=end)
-            except (FileNotFoundError, PermissionError):
-                raise  # the object went away or access was revoked: trying again will not help
+                got = self._get_into(start, end, out)
+            except (FileNotFoundError, PermissionError, WeightsmithError):
+                raise  # the object went away, access was revoked, the server ignores ranges
             except Exception:  # a dropped connection, a timeout, a server error
                 if attempt == RETRIES:
                     raise
             else:
                 with self._lock:
-                    self.bytes_read += len(data)
-                if len(data) == end - start:
-                    return data
+                    self.bytes_read += got
+                if got == end - start:
+                    return
                 if attempt == RETRIES:
-                    raise WeightsmithError(
-                        self.url, f"short read: wanted {end - start} bytes at {start}, got {len(data)}"
-                    )
+                    raise WeightsmithError(self.url, f"short read: wanted {end - start} bytes at {start}, got {got}")
             with self._lock:
                 self.retries += 1
             time.sleep(RETRY_DELAY_S * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _get_into(self, start: int, end: int, out: memoryview) -> int:
+        if self._get is not None:
+            return self._get(self.path, start, end, out)
+        data = self.fs.cat_file(self.path, start=start, end=end)
+        n = min(len(data), len(out))
+        out[:n] = data[:n]
+        return len(data)
 
     def fingerprint(self) -> tuple | None:
         """(device, inode, size, mtime, ctime) of a local file; None for remote files.
