@@ -320,6 +320,38 @@ def test_a_short_or_failed_range_is_fetched_again(
     assert again.revision == clean.revision and again.status == "created"
 
 
+class NoRangesHandler:
+    """Answers every GET with the whole file (HTTP 200), as a server without range support does."""
+
+    def _response(self, relative: str, range_header: str | None) -> tuple[int, dict, bytes]:
+        return super()._response(relative, None)  # type: ignore[misc]
+
+
+def test_a_server_that_ignores_ranges_is_a_one_line_error(tmp_path: Path) -> None:
+    """Not read whole behind the user's back, not retried: an error naming the URL before anything is written."""
+    from conftest import RangeHTTPServer, RangeRequestHandler
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeRequestHandler)
+    httpd.daemon_threads = True
+    owner = RangeHTTPServer(server=httpd, root=tmp_path / "root")
+    httpd.RequestHandlerClass = type("NoRanges", (NoRangesHandler, RangeRequestHandler), {"owner": owner})
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        write_model(owner.root / "org" / "model.safetensors")
+        url = owner.url_for("org/model.safetensors")
+        with pytest.raises(WeightsmithError) as failed:
+            extract(url, ExtractOptions(store=str(tmp_path / "store"), images="none"))
+        message = str(failed.value)
+        assert "\n" not in message and url in message and "ignores byte ranges" in message
+        assert len([r for m, _, r in owner.requests if m == "GET"]) == 1  # no retries of a server that cannot do it
+        assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.zarr"))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
 def test_a_publish_that_failed_half_way_finishes_on_its_retry(
     http_server: RangeHTTPServer, served: tuple[Path, str], tmp_path: Path
 ) -> None:

@@ -119,11 +119,13 @@ _clients_lock = threading.Lock()
 _CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
-def s3_client():
+def s3_client(fs: fsspec.AbstractFileSystem | None = None):
     """This process's botocore S3 client for the current AWS variables (thread-safe, one per setting).
 
     The same endpoint, region, addressing and timeouts as the s3fs of `fs_for`, with a
-    connection for every range the read budget lets run at once.
+    connection for every range the read budget lets run at once. Given an s3fs that has
+    connected, the client reads botocore's S3 model from that session's loader, which has it
+    parsed already (about 0.1-0.2 CPU s here otherwise).
     """
     options = s3_options()
     key = (repr(options), tuple(os.environ.get(k) for k in _CREDENTIALS))
@@ -134,7 +136,11 @@ def s3_client():
             from botocore.config import Config
 
             config = Config(**options["config_kwargs"], max_pool_connections=_budget_slots() + 4)
-            client = botocore.session.get_session().create_client("s3", **options["client_kwargs"], config=config)
+            session = botocore.session.get_session()
+            loader = getattr(getattr(fs, "session", None), "get_component", None)
+            if loader is not None:
+                session.register_component("data_loader", loader("data_loader"))
+            client = session.create_client("s3", **options["client_kwargs"], config=config)
             _clients[key] = client
         return client
 
@@ -188,12 +194,12 @@ def _done(raw, whole: bool) -> None:
         raw.close()
 
 
-def s3_getter(path: str) -> Getter:
-    """Ranged GETs of objects of `s3_client()`; `path` is bucket/key."""
+def s3_getter(path: str, fs: fsspec.AbstractFileSystem | None = None) -> Getter:
+    """Ranged GETs of objects of `s3_client(fs)`; `path` is bucket/key."""
     from botocore.exceptions import ClientError
 
     bucket, _, key = path.partition("/")
-    client = s3_client()
+    client = s3_client(fs)
 
     def get(_: str, start: int, end: int, out: memoryview) -> int:
         try:
@@ -248,7 +254,7 @@ def getter_for(fs: fsspec.AbstractFileSystem, path: str) -> Getter | None:
     from fsspec.implementations.http import HTTPFileSystem
 
     if any(c.__name__ == "S3FileSystem" for c in type(fs).__mro__):  # s3fs, without importing it
-        return s3_getter(path)
+        return s3_getter(path, fs)
     if isinstance(fs, HTTPFileSystem):
         return http_getter(path)
     return None
