@@ -185,13 +185,29 @@ def _receive(raw, out: memoryview) -> int:
     return got
 
 
-def _done(raw, whole: bool) -> None:
-    """Give a response's connection back to the pool after a whole body; else drop it (unread
-    bytes would be taken for the next response)."""
-    if whole:
+def _body_into(raw, out: memoryview) -> int:
+    """`_receive`, then the connection back to the pool after a whole body; after anything else
+    (an error, a short or long body) it is dropped: unread bytes would be taken for the next reply."""
+    try:
+        got = _receive(raw, out)
+    except BaseException:
+        raw.close()
+        raise
+    if got == len(out):
         raw.release_conn()
     else:
         raw.close()
+    return got
+
+
+def _status_error(url: str, status: int, start: int, end: int) -> Exception:
+    if status == 404:
+        return FileNotFoundError(f"{url}: HTTP 404")
+    if status in (401, 403):
+        return PermissionError(f"{url}: HTTP {status}")
+    if status == 200:
+        return WeightsmithError(url, "the server ignores byte ranges (HTTP 200 for a Range request)")
+    return HTTPStatusError(url, status, start, end)
 
 
 def s3_getter(path: str, fs: fsspec.AbstractFileSystem | None = None) -> Getter:
@@ -211,14 +227,7 @@ def s3_getter(path: str, fs: fsspec.AbstractFileSystem | None = None) -> Getter:
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise PermissionError(f"s3://{path}: {code}") from e
             raise
-        raw = response["Body"]._raw_stream  # urllib3's response: its bytes go straight into `out`
-        try:
-            got = _receive(raw, out)
-        except BaseException:
-            raw.close()
-            raise
-        _done(raw, got == len(out))
-        return got
+        return _body_into(response["Body"]._raw_stream, out)  # urllib3's response, read into `out`
 
     return get
 
@@ -230,21 +239,11 @@ def http_getter(url: str) -> Getter:
     def get(_: str, start: int, end: int, out: memoryview) -> int:
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         raw = pool.request("GET", url, headers=headers, preload_content=False, decode_content=False)
-        try:
-            if raw.status == 404:
-                raise FileNotFoundError(f"{url}: HTTP 404")
-            if raw.status in (401, 403):
-                raise PermissionError(f"{url}: HTTP {raw.status}")
-            if raw.status == 200 and not (start == 0 and raw.headers.get("Content-Length") == str(end)):
-                raise WeightsmithError(url, "the server ignores byte ranges (HTTP 200 for a Range request)")
-            if raw.status not in (200, 206):
-                raise HTTPStatusError(url, raw.status, start, end)
-            got = _receive(raw, out)
-        except BaseException:
+        whole_file = raw.status == 200 and start == 0 and raw.headers.get("Content-Length") == str(end)
+        if raw.status != 206 and not whole_file:
             raw.close()
-            raise
-        _done(raw, got == len(out))
-        return got
+            raise _status_error(url, raw.status, start, end)
+        return _body_into(raw, out)
 
     return get
 
