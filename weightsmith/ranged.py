@@ -9,9 +9,10 @@ takes S3 endpoint, keys and region from the standard AWS variables.
 
 Headers, listings and sizes go through fsspec. The range GETs on S3 and HTTP do not: they go
 through a blocking botocore client (`s3_client`, made from the same variables) or a urllib3
-pool, and the body is received straight into the caller's buffer. On this machine s3fs's
-`cat_file` (aiohttp: a body gathered in small pieces, joined, then copied in) cost about twice
-the CPU per byte, which on 2 cores is time taken from hashing and writing.
+pool, and the body is received straight into the caller's buffer. s3fs's `cat_file` (aiohttp:
+a body gathered in small pieces, joined, then copied in) took about twice the client CPU in a
+microbenchmark of 8 MB ranges here; inside the reader the streaming CPU fell by about a fifth
+(bench/RESULTS.md), CPU that on 2 cores hashing and writing need.
 """
 
 from __future__ import annotations
