@@ -54,10 +54,10 @@ def _range_pool() -> ThreadPoolExecutor:
 
 
 class Getter(Protocol):
-    """One ranged GET of [start, end) of `path` into `out` (end - start bytes); returns the bytes
+    """One ranged GET of [start, end) of its file into `out` (end - start bytes); returns the bytes
     the server sent (fewer is a short read). Missing: FileNotFoundError; denied: PermissionError."""
 
-    def __call__(self, path: str, start: int, end: int, out: memoryview) -> int: ...
+    def __call__(self, start: int, end: int, out: memoryview) -> int: ...
 
 
 class HTTPStatusError(Exception):
@@ -218,7 +218,7 @@ def s3_getter(path: str, fs: fsspec.AbstractFileSystem | None = None) -> Getter:
     bucket, _, key = path.partition("/")
     client = s3_client(fs)
 
-    def get(_: str, start: int, end: int, out: memoryview) -> int:
+    def get(start: int, end: int, out: memoryview) -> int:
         try:
             response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
         except ClientError as e:
@@ -237,7 +237,7 @@ def http_getter(url: str) -> Getter:
     """Ranged GETs of `url` through `_http_pool()`."""
     pool = _http_pool()
 
-    def get(_: str, start: int, end: int, out: memoryview) -> int:
+    def get(start: int, end: int, out: memoryview) -> int:
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         raw = pool.request("GET", url, headers=headers, preload_content=False, decode_content=False)
         whole_file = raw.status == 200 and start == 0 and raw.headers.get("Content-Length") == str(end)
@@ -368,7 +368,7 @@ class RangedReader:
 
     def _get_into(self, start: int, end: int, out: memoryview) -> int:
         if self._get is not None:
-            return self._get(self.path, start, end, out)
+            return self._get(start, end, out)
         data = self.fs.cat_file(self.path, start=start, end=end)
         n = min(len(data), len(out))
         out[:n] = data[:n]
