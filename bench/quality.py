@@ -207,12 +207,20 @@ def _steps(model, pred_ids: list[str]) -> dict:
     return {net: f"{s}/{b} steps in {n} fits" for net, (s, b, n) in totals.items()}
 
 
+def _se_units(d: float, se: float) -> float:
+    """d / se; with se 0 (every replicate gave the same difference), 0 for no difference at all
+    (the same samples under both labels) and +-inf for any other."""
+    if se:
+        return d / se
+    return 0.0 if d == 0 else math.copysign(math.inf, d)
+
+
 def print_results(res: dict) -> None:
     rows, checks = [], []
     for r in res["generators"].values():
         for pair, metrics in r["comparisons"].items():
             for metric, m in metrics.items():
-                z = m["d"] / m["se"] if m["se"] else math.inf
+                z = _se_units(m["d"], m["se"])
                 rows.append(
                     [pair, metric, f"{m['a']:.5f}", f"{m['b']:.5f}", f"{m['d']:+.5f}", f"{m['se']:.5f}", f"{z:+.1f}"]
                 )

@@ -10,7 +10,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from quality import paired  # noqa: E402
+from quality import _se_units, paired  # noqa: E402
 
 
 def _labels(fit_effect: float, shift: float, seed: int, fits: int = 3, samples: int = 8, blocks: int = 5):
@@ -48,3 +48,14 @@ def test_block_weights_are_bytes() -> None:
     b = np.zeros((1, 1, 2))
     r = paired(a, b, np.array([1.0, 3.0]))
     assert abs(r["a"] - 2.0) < 1e-12  # (2 + 6) / (1 + 3)
+
+
+def test_identical_labels_are_within_any_number_of_se() -> None:
+    """The same samples under both labels (a configuration that resolves to the previous one):
+    every replicate differs by exactly 0, so the SE is 0 and the verdict must still say "within"."""
+    a, _ = _labels(fit_effect=1.0, shift=0.0, seed=0)
+    r = paired(a, a.copy(), np.ones(5))
+    assert r["d"] == 0.0 and r["se"] == 0.0
+    assert _se_units(r["d"], r["se"]) == 0.0
+    assert _se_units(1e-6, 0.0) == float("inf") and _se_units(-1e-6, 0.0) == float("-inf")
+    assert _se_units(0.1, 0.05) == 2.0
