@@ -62,6 +62,30 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_temporary_prefect_servers() -> Iterator[None]:
+    """Stop, at the end of the session, the temporary Prefect servers that in-process flows
+    started without a server (ephemeral mode). Left to Prefect's atexit hook, each logged
+    "Stopping temporary server" into a stream pytest had closed: a "--- Logging error ---"
+    traceback after every full run's summary."""
+    yield
+    import logging
+    import sys
+
+    if "prefect.server.api.server" not in sys.modules:
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    logger = logging.getLogger("prefect")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # its INFO line goes nowhere useful now
+    try:
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+    finally:
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Torch on one thread for a module of tiny models: they gain nothing from more, and OpenMP
