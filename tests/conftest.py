@@ -8,8 +8,10 @@ prove that only the ranges asked for were fetched.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 import uuid
@@ -69,9 +71,6 @@ def _stop_temporary_prefect_servers() -> Iterator[None]:
     "Stopping temporary server" into a stream pytest had closed: a "--- Logging error ---"
     traceback after every full run's summary."""
     yield
-    import logging
-    import sys
-
     if "prefect.server.api.server" not in sys.modules:
         return
     from prefect.server.api.server import SubprocessASGIServer

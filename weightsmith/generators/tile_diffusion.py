@@ -70,10 +70,10 @@ meets "within 2 SE" short of the previous budget. Later runs: 4x the validation 
 (`val_batch` 256) stopped about where the defaults do and left +0.0139; `min_delta` 0 left
 +0.0003 (2.03 SE) only because the loss then improves a little at almost every check, so the
 networks ran within 40 of their 2793 planned diffusion steps (early stopping off, in effect).
-`early_stop=False` keeps the matrices'
-samples as they were at about 1.6x the defaults' fit time on this block; on the whole tiny
-model (`bench/predict.py --whole-model`, two runs minutes apart) it fitted in 70 s against the
-defaults' 52 s: 9.4x and 12.6x faster than the previous defaults (10x is the target).
+`early_stop=False` keeps the matrices' samples as they were at about 1.6x the defaults' fit
+time on this block; on the whole tiny model (`bench/predict.py --whole-model`, two runs
+minutes apart) it fitted in 70 s against the defaults' 52 s: 9.4x and 12.6x faster than the
+previous defaults (10x is the target).
 """
 
 from __future__ import annotations
